@@ -29,6 +29,8 @@ def main(argv):
     del argv
     if FLAGS.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/quickstart.py')
+    if not FLAGS['verbosity'].present:  # keep library INFO logs (orbax) off the console unless asked for
+        logging.set_verbosity(logging.WARNING)
     module_name, function_name = MODES[FLAGS.mode].split(':')
     run = getattr(importlib.import_module(module_name), function_name)
     try:
