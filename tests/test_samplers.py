@@ -1,0 +1,265 @@
+"""Fixed-grid and adaptive samplers against exact ground truth: NumPy transcriptions of the papers' algorithms,
+the exact mixture denoiser, float64 reference solves, counted denoiser calls."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jaxdiff import analytic, samplers, schedules
+from jaxdiff.samplers import common, ddim as ddim_module, multistep
+
+FIXED_GRID = [('euler', {}), ('heun', {}), ('heun', {'s_churn': 5.0}), ('dpm2', {}), ('dpmpp_2m', {}),
+              ('dpmpp_3m', {}), ('ipndm', {}), ('ipndm', {'max_order': 2}), ('ddim', {}), ('ddim', {'eta': 1.0})]
+KEY = jax.random.PRNGKey(7)
+
+
+def _gmm(dtype=jnp.float32, d=4):
+    rng = np.random.default_rng(0)
+    return analytic.GaussianMixture(jnp.asarray(rng.normal(size=(3, d)) * 2, dtype),
+                                    jnp.asarray([0.3, 0.5, 0.2], dtype), jnp.asarray([0.2, 0.3, 0.5], dtype))
+
+
+def _x_T(n=8, d=4, sigma=80.0, dtype=jnp.float32):
+    return jax.random.normal(jax.random.PRNGKey(1), (n, d), dtype) * sigma
+
+
+def _numpy(denoiser):
+    return lambda x, sigma: np.asarray(denoiser(jnp.asarray(x, jnp.float32), jnp.float32(sigma)), np.float64)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / np.linalg.norm(b)
+
+
+# --- exact algorithm transcriptions -------------------------------------------------------------------------
+
+@pytest.mark.parametrize('churn', [{}, {'s_churn': 20.0, 's_min': 0.05, 's_max': 30.0, 's_noise': 1.007}])
+def test_heun_equals_numpy_edm_algorithm_2(churn):
+    gmm = _gmm()
+    D = _numpy(gmm.denoiser)
+    sigmas = np.asarray(schedules.get('edm', num_steps=10), np.float64)
+    x_T = _x_T()
+    s_churn, s_min, s_max, s_noise = (churn.get('s_churn', 0.0), churn.get('s_min', 0.0),
+                                      churn.get('s_max', np.inf), churn.get('s_noise', 1.0))
+    # Karras et al. 2022, Algorithm 2, line by line (float64); the noise eps_i is the sampler's per-step draw.
+    num_steps = len(sigmas) - 1
+    x = np.asarray(x_T, np.float64)
+    for i in range(num_steps):
+        t, t_next = sigmas[i], sigmas[i + 1]
+        gamma = min(s_churn / num_steps, np.sqrt(2) - 1) if s_min <= t <= s_max else 0.0
+        eps = s_noise * np.asarray(common.step_noise(KEY, i, x.shape), np.float64)
+        t_hat = t + gamma * t
+        x_hat = x + np.sqrt(t_hat ** 2 - t ** 2) * eps
+        d = (x_hat - D(x_hat, t_hat)) / t_hat
+        x = x_hat + (t_next - t_hat) * d
+        if t_next != 0:
+            d_prime = (x - D(x, t_next)) / t_next
+            x = x_hat + (t_next - t_hat) * (0.5 * d + 0.5 * d_prime)
+    out, info = samplers.get('heun', **churn)(gmm.denoiser, x_T, jnp.asarray(sigmas, jnp.float32), key=KEY)
+    assert _rel(out, x) < 1e-5
+    assert info['nfe'] == 19
+
+
+def test_special_cases_reduce_exactly():
+    gmm = _gmm()
+    sigmas = schedules.get('edm', num_steps=8)
+    x_T = _x_T()
+    run = lambda name, **kw: samplers.get(name, **kw)(gmm.denoiser, x_T, sigmas, key=KEY)[0]
+    euler = run('euler')
+    assert _rel(run('ddim', eta=0.0), euler) < 1e-6                     # DDIM(eta=0) is Euler in sigma-space
+    assert _rel(run('dpm2', r=1.0), run('heun')) < 1e-6                  # DPM-Solver-2 with r=1 is Heun
+    assert _rel(run('ipndm', max_order=1), euler) < 1e-6                 # AB1 is Euler
+    assert _rel(run('dpmpp_2m'), run('dpmpp_3m')) > 1e-4                 # the third-order term is really used
+
+
+def test_ddim_stochastic_step_is_mean_plus_sigma_up_times_step_noise():
+    gmm = _gmm()
+    sigmas = jnp.array([10.0, 3.0])
+    x_T = _x_T(sigma=10.0)
+    out, info = samplers.get('ddim', eta=0.7)(gmm.denoiser, x_T, sigmas, key=KEY)
+    mean, sigma_up = ddim_module.ddim_step_moments(x_T, gmm.denoiser(x_T, 10.0), 10.0, 3.0, 0.7)
+    np.testing.assert_allclose(out, mean + sigma_up * common.step_noise(KEY, 0, x_T.shape), rtol=1e-5, atol=1e-5)
+    sigma_up, sigma_down = ddim_module.ddim_noise_scales(10.0, 3.0, 0.7)
+    assert float(sigma_up ** 2 + sigma_down ** 2) == pytest.approx(9.0, rel=1e-6)
+    assert float(sigma_up) == pytest.approx(0.7 * 3.0 * np.sqrt(1 - 0.09), rel=1e-6)
+
+
+def test_afs_replaces_the_first_call_and_denoise_to_zero_adds_the_last():
+    gmm = _gmm()
+    x_T = _x_T()
+    grid = jnp.array([80.0, 20.0, 1.0])
+    calls = {'n': 0}
+
+    def counted(x, sigma):
+        calls['n'] += 1
+        return gmm.denoiser(x, sigma)
+
+    with jax.disable_jit():
+        out, info = samplers.get('euler', afs=True, denoise_to_zero=True)(counted, x_T, grid)
+    x1 = x_T + (20.0 - 80.0) * x_T / np.sqrt(1 + 80.0 ** 2)                           # AFS direction, no call
+    x2 = x1 + (1.0 - 20.0) * (x1 - gmm.denoiser(x1, 20.0)) / 20.0
+    np.testing.assert_allclose(out, gmm.denoiser(x2, 1.0), rtol=1e-5, atol=1e-5)
+    assert info['nfe'] == calls['n'] == 2
+
+
+# --- convergence order on an exact mixture, float64 ---------------------------------------------------------
+
+def test_observed_global_order_on_a_short_interval():
+    with jax.enable_x64(True):
+        gmm = _gmm(jnp.float64)
+        x = jax.random.normal(jax.random.PRNGKey(3), (16, 4), jnp.float64) * 2.5
+        truth = analytic.reference_solve(gmm.denoiser, x, 2.0, 0.5, rtol=1e-12, atol=1e-12)
+        counts = np.array([8, 16, 32])
+        for name, order, single_step in (('euler', 1, True), ('heun', 2, True), ('dpm2', 2, True),
+                                         ('dpmpp_2m', 2, False), ('dpmpp_3m', 2, False), ('ipndm', 2, False)):
+            errors = [float(jnp.linalg.norm(samplers.get(name)(gmm.denoiser, x, jnp.geomspace(2.0, 0.5, n + 1))[0]
+                                            - truth)) for n in counts]
+            slope = -np.polyfit(np.log(counts), np.log(errors), 1)[0]
+            # multistep: the first-order warm-start step caps the global order at 2
+            ok = abs(slope - order) <= 0.3 if single_step else slope >= order - 0.3
+            assert ok, (name, slope, errors)
+
+
+@pytest.mark.parametrize('name, order, spacing', [('dpmpp_2m', 2, 'log'), ('dpmpp_3m', 3, 'log'),
+                                                  ('ipndm', 4, 'uniform')])
+def test_full_order_of_multistep_updates_from_exact_history(name, order, spacing):
+    # One step started from exact history (points and denoiser outputs on the reference solution): local error
+    # O(h^(order + 1)); the global order is the local slope minus 1.
+    with jax.enable_x64(True):
+        gmm = _gmm(jnp.float64)
+        x_start = jax.random.normal(jax.random.PRNGKey(3), (8, 4), jnp.float64) * 2.5
+        t0, steps = 1.0, [0.02, 0.01, 0.005]
+        grids = [[t0 * np.exp(k * h) for k in (3, 2, 1, 0, -1)] if spacing == 'log' else
+                 [t0 + k * h for k in (3, 2, 1, 0, -1)] for h in steps]
+        points = sorted({t for g in grids for t in g}, reverse=True)
+        from jaxdiff.samplers import adaptive
+        _, _, states = adaptive.solve_log_sigma(gmm.denoiser, x_start, 2.0, points[-1], solver='dopri5', rtol=1e-13,
+                                                atol=1e-13, max_steps=100_000, save_sigmas=jnp.asarray(points))
+        exact = dict(zip(points, states))
+        errors = []
+        for grid in grids:
+            history = grid[:4][::-1]                                           # newest first: t0, t0+h, ...
+            xs = [exact[t] for t in history]
+            x0_hats = [gmm.denoiser(x, t) for x, t in zip(xs, history)]
+            k = min(order, 4)
+            if name == 'ipndm':
+                d_hist = jnp.stack([(x - x0) / t for x, x0, t in zip(xs, x0_hats, history)])
+                x_next = multistep.ipndm_update(xs[0], d_hist, history[0], grid[4], k)
+            else:
+                x_next = multistep.dpmpp_update(xs[0], jnp.stack(x0_hats), jnp.asarray(history), grid[4], k)
+            errors.append(float(jnp.linalg.norm(x_next - exact[grid[4]])))
+        local_slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
+        assert abs(local_slope - 1 - order) <= 0.3, (name, local_slope, errors)
+
+
+# --- honest NFE ---------------------------------------------------------------------------------------------
+
+NFE_CASES = FIXED_GRID + [('euler', {'afs': True}), ('heun', {'afs': True}), ('dpm2', {'afs': True}),
+                          ('dpmpp_3m', {'afs': True}), ('ipndm', {'afs': True}), ('ddim', {'afs': True})]
+
+
+@pytest.mark.parametrize('name, options', NFE_CASES)
+@pytest.mark.parametrize('grid', ['edm', 'above_zero'])
+def test_reported_nfe_equals_counted_calls(name, options, grid):
+    gmm = _gmm()
+    calls = {'n': 0}
+
+    def counted(x, sigma):
+        calls['n'] += 1
+        return gmm.denoiser(x, sigma)
+
+    if grid == 'edm':
+        sigmas, extra = schedules.get('edm', num_steps=6), {}
+    else:
+        sigmas, extra = jnp.geomspace(80.0, 0.5, 6), {'denoise_to_zero': True}
+    with jax.disable_jit():
+        _, info = samplers.get(name, **options, **extra)(counted, _x_T(n=2), sigmas, key=KEY)
+    assert isinstance(info['nfe'], int) and info['nfe'] == calls['n'] > 0
+
+
+def test_adaptive_nfe_equals_counted_calls_and_it_converges():
+    gmm = _gmm()
+    calls = {'n': 0}
+
+    def tick():
+        calls['n'] += 1
+
+    def counted(x, sigma):
+        jax.debug.callback(tick)                       # runs once per executed call, also inside diffrax's loop
+        return gmm.denoiser(x, sigma)
+
+    sigmas = schedules.get('edm', num_steps=5)
+    x_T = _x_T(n=4)
+    out, info = samplers.get('adaptive', rtol=1e-4, atol=1e-4)(counted, x_T, sigmas, return_trajectory=True)
+    jax.block_until_ready(out)
+    assert int(info['nfe']) == calls['n']
+    assert info['trajectory'].shape == (6,) + x_T.shape
+    fine, _ = samplers.get('heun')(gmm.denoiser, x_T, schedules.get('edm', num_steps=256))
+    assert _rel(out, fine) < 1e-3
+
+
+# --- transformations: jit, sharding, vmap -------------------------------------------------------------------
+
+@pytest.mark.parametrize('name, options', [c for c in FIXED_GRID if c != ('ipndm', {'max_order': 2})])
+def test_runs_under_jit_sharding_and_vmap(name, options):
+    gmm = _gmm()
+    sampler = samplers.get(name, **options)
+    sigmas = schedules.get('edm', num_steps=4)
+    x_T = _x_T(n=16)
+    eager, info = sampler(gmm.denoiser, x_T, sigmas, key=KEY)
+    run = jax.jit(lambda x, s: sampler(gmm.denoiser, x, s, key=KEY))
+    jitted, jit_info = run(x_T, sigmas)
+    np.testing.assert_allclose(jitted, eager, rtol=2e-5, atol=2e-5)
+    assert int(jit_info['nfe']) == info['nfe']
+    mesh = Mesh(np.array(jax.devices()[:8]), ('data',))
+    sharded = jax.device_put(x_T, NamedSharding(mesh, PartitionSpec('data')))
+    np.testing.assert_allclose(run(sharded, sigmas)[0], eager, rtol=2e-5, atol=2e-5)
+    if options.get('eta', 0) == 0 and options.get('s_churn', 0) == 0:    # noise is drawn per batch shape
+        per_example = jax.vmap(lambda x: sampler(gmm.denoiser, x[None], sigmas, key=KEY)[0][0])(x_T)
+        np.testing.assert_allclose(per_example, eager, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize('name, options', FIXED_GRID)
+def test_trajectory_starts_at_x_T_and_ends_at_x0(name, options):
+    gmm = _gmm()
+    sigmas = schedules.get('edm', num_steps=5)
+    x_T = _x_T(n=3)
+    x0, info = samplers.get(name, **options)(gmm.denoiser, x_T, sigmas, key=KEY, return_trajectory=True)
+    trajectory = info['trajectory']
+    assert trajectory.shape == (6, 3, 4)
+    np.testing.assert_array_equal(trajectory[0], x_T)
+    np.testing.assert_array_equal(trajectory[-1], x0)
+
+
+# --- misuse -------------------------------------------------------------------------------------------------
+
+def test_every_misuse_is_a_value_error():
+    gmm = _gmm()
+    sigmas = schedules.get('edm', num_steps=4)
+    x_T = _x_T(n=2)
+    with pytest.raises(ValueError, match='valid samplers'):
+        samplers.get('rk45')
+    with pytest.raises(ValueError, match='valid options'):
+        samplers.get('heun', eta=1.0)
+    with pytest.raises(ValueError, match='afs'):                          # no first step to save
+        samplers.get('adaptive', afs=True)
+    with pytest.raises(ValueError, match='decreasing'):
+        samplers.get('euler')(gmm.denoiser, x_T, sigmas[::-1])
+    with pytest.raises(ValueError, match='decreasing'):
+        samplers.get('dpmpp_2m')(gmm.denoiser, x_T, jnp.array([1.0, 1.0, 0.0]))
+    with pytest.raises(ValueError, match='NaN'):
+        samplers.get('heun')(lambda x, s: x * jnp.nan, x_T, sigmas)
+    with pytest.raises(ValueError, match='key'):
+        samplers.get('heun', s_churn=10.0)(gmm.denoiser, x_T, sigmas)
+    with pytest.raises(ValueError, match='key'):
+        samplers.get('ddim', eta=1.0)(gmm.denoiser, x_T, sigmas)
+    with pytest.raises(ValueError, match='denoise_to_zero'):
+        samplers.get('dpm2', denoise_to_zero=True)(gmm.denoiser, x_T, sigmas)
+    with pytest.raises(ValueError, match='max_order'):
+        samplers.get('ipndm', max_order=5)
+    with pytest.raises(ValueError, match='r must be'):
+        samplers.get('dpm2', r=0.0)
+    with pytest.raises(ValueError, match='x_T'):
+        samplers.get('euler')(gmm.denoiser, jnp.ones((2, 4), jnp.int32), sigmas)

@@ -1,0 +1,66 @@
+"""Sigma grids against NumPy transcriptions of their defining formulas."""
+import numpy as np
+import pytest
+
+from jaxdiff import schedules
+from jaxdiff.samplers import common
+
+
+def test_edm_matches_karras_eq5():
+    s = np.asarray(schedules.get('edm', num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0), np.float64)
+    i = np.arange(18)
+    expect = (80.0 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80.0 ** (1 / 7))) ** 7
+    assert s.shape == (19,) and s[-1] == 0.0
+    np.testing.assert_allclose(s[:-1], expect, rtol=1e-6)
+
+
+def test_logsnr_is_uniform_in_log_sigma():
+    s = np.asarray(schedules.get('logsnr', num_steps=10, sigma_min=0.01, sigma_max=10.0), np.float64)
+    assert s[-1] == 0.0 and s.shape == (11,)
+    np.testing.assert_allclose(s[[0, -2]], [10.0, 0.01], rtol=1e-6)
+    steps = np.diff(np.log(s[:-1]))
+    np.testing.assert_allclose(steps, steps[0], rtol=1e-5)
+
+
+def test_time_uniform_is_uniform_in_vp_time():
+    s = np.asarray(schedules.get('time_uniform', num_steps=12, sigma_min=0.002, sigma_max=80.0), np.float64)
+    np.testing.assert_allclose(s[[0, -2]], [80.0, 0.002], rtol=1e-5)
+    # independent transcription: VP-SDE with beta(t) = 0.1 + 19.9 t, alpha_t = exp(-int_0^t beta / 2)
+    t = np.linspace(0.0, 1.0, 100_001)
+    log_alpha = -0.5 * (0.1 * t + 0.5 * 19.9 * t ** 2)
+    sigma_of_t = np.sqrt(np.exp(-2 * log_alpha) - 1)
+    t_of_s = np.interp(np.log(s[:-1]), np.log(sigma_of_t[1:]), t[1:])
+    np.testing.assert_allclose(np.diff(t_of_s), np.diff(t_of_s)[0], rtol=1e-3)
+    np.testing.assert_allclose(schedules.vp_time(schedules.vp_sigma(np.array([0.01, 0.3, 1.0]))), [0.01, 0.3, 1.0])
+
+
+def test_ddpm_grid_is_the_discrete_alpha_bar():
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    full = np.asarray(schedules.get('ddpm', num_steps=1000), np.float64)
+    np.testing.assert_allclose(full[:-1], np.sqrt((1 - abar) / abar)[::-1], rtol=1e-5)
+    s = np.asarray(schedules.get('ddpm', num_steps=10), np.float64)
+    assert s.shape == (11,) and s[-1] == 0.0
+    np.testing.assert_allclose(s[[0, -2]], np.sqrt((1 - abar) / abar)[[999, 0]], rtol=1e-5)
+    assert set(np.round(s[:-1], 4)) <= set(np.round(full[:-1], 4))
+
+
+@pytest.mark.parametrize('name', schedules.names())
+@pytest.mark.parametrize('num_steps', [1, 2, 7])
+def test_every_grid_is_valid(name, num_steps):
+    s = schedules.get(name, num_steps=num_steps)
+    assert s.shape == (num_steps + 1,)
+    common.validate_sigmas(s)
+
+
+def test_misuse_is_a_value_error():
+    with pytest.raises(ValueError, match='valid schedules'):
+        schedules.get('karras', num_steps=4)
+    with pytest.raises(ValueError, match='rho'):
+        schedules.get('logsnr', num_steps=4, rho=7.0)
+    with pytest.raises(ValueError, match='sigma_min'):
+        schedules.get('edm', num_steps=4, sigma_min=1.0, sigma_max=0.5)
+    with pytest.raises(ValueError, match='num_steps'):
+        schedules.get('edm', num_steps=0)
+    with pytest.raises(ValueError, match='num_steps'):
+        schedules.get('ddpm', num_steps=1001)
