@@ -1,0 +1,251 @@
+"""AMED (Zhou et al., CVPR 2024): reductions to DPM-Solver-2 and to the plugins' base solvers, honest NFE with and
+without AFS, the bottleneck input, gradients through r, one training round, and the predictor checkpoint;
+against exact mixture denoisers."""
+import importlib.util
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdiff import amed_train as T
+from jaxdiff import analytic, samplers, schedules
+from jaxdiff.errors import UserError
+from jaxdiff.models.amed_predictor import AMEDPredictor
+from jaxdiff.samplers import amed as A
+
+SHAPE = (4, 4, 3)
+
+
+def _mixture(dtype=jnp.float32):
+    rng = np.random.default_rng(0)
+    return analytic.GaussianMixture(jnp.asarray(rng.normal(size=(3,) + SHAPE), dtype),
+                                    jnp.asarray([0.2, 0.3, 0.1], dtype), jnp.asarray([0.5, 0.3, 0.2], dtype))
+
+
+def _x_T(sigma_max, batch=8, seed=1, dtype=jnp.float32):
+    return jnp.asarray(np.random.default_rng(seed).normal(size=(batch,) + SHAPE) * sigma_max, dtype)
+
+
+def _rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+def _neutral_params(module):
+    """Predictor parameters whose heads give r = sigmoid(0) = 1/2, c = a = 1 whatever the input."""
+    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, module.num_bottleneck)), jnp.ones(1), jnp.ones(1))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, p: jnp.zeros_like(p) if 'head' in jax.tree_util.keystr(path) else p, params)
+    return params
+
+
+class _WithBottleneck:
+    """The exact mixture denoiser plus a fake 8x8x2 bottleneck, through the aux convention (common.call_denoiser)."""
+
+    def __init__(self, denoiser, scale):
+        self.denoiser, self.scale = denoiser, scale
+
+    def __call__(self, x, sigma):
+        return self.denoiser(x, sigma)
+
+    def with_aux(self, x, sigma):
+        bottleneck = self.scale * jnp.tile(x[:, :, :, :2], (1, 2, 2, 1))          # [B, 8, 8, 2]
+        return self.denoiser(x, sigma), {'bottleneck': bottleneck}
+
+
+def test_predictor_none_and_neutral_predictor_equal_dpm2_exactly():
+    gmm, sigmas = _mixture(), schedules.get('edm', num_steps=6)
+    x_T = _x_T(float(sigmas[0]))
+    module = AMEDPredictor()
+    neutral = (module, _neutral_params(module))
+    for afs in (False, True):
+        ref, ref_info = samplers.get('dpm2', afs=afs)(gmm.denoiser, x_T, sigmas)
+        out, info = samplers.get('amed', afs=afs)(gmm.denoiser, x_T, sigmas)
+        np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+        assert info['nfe'] == ref_info['nfe']
+        # per-sample r, c, a arrays from the module: the same formulas up to float32 rounding
+        base = 'dpm2' if afs else None      # the dpm2 plugin's weights 1/(2r), 1 - 1/(2r) are 1 and 0 at r = 1/2
+        out, info = samplers.get('amed', predictor=neutral, base=base, afs=afs)(gmm.denoiser, x_T, sigmas)
+        assert _rel(out, ref) < 1e-5 and info['nfe'] == ref_info['nfe']
+    # the module's input is the bottleneck: a with_aux denoiser still reduces to dpm2 under neutral heads
+    out, _ = samplers.get('amed', predictor=neutral)(_WithBottleneck(gmm.denoiser, 1.0), x_T, sigmas)
+    ref, _ = samplers.get('dpm2')(gmm.denoiser, x_T, sigmas)
+    assert _rel(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize('base', ['euler', 'ipndm', 'dpmpp_2m'])
+def test_plugin_without_predictor_is_its_base_on_the_interleaved_grid(base):
+    """r = 1/2, c = a = 1: the plugin is the base solver on t_0, s_0, t_1, s_1, ... with s_n = sqrt(t_n t_{n+1})
+    (into sigma = 0 no intermediate point: first order, as the base does)."""
+    gmm, sigmas = _mixture(), schedules.get('edm', num_steps=5)
+    x_T = _x_T(float(sigmas[0]))
+    mids = jnp.sqrt(sigmas[:-2] * sigmas[1:-1])
+    interleaved = jnp.concatenate([jnp.stack([sigmas[:-2], mids], axis=1).reshape(-1), sigmas[-2:]])
+    out, info = samplers.get('amed', base=base)(gmm.denoiser, x_T, sigmas)
+    ref, ref_info = samplers.get(base)(gmm.denoiser, x_T, interleaved)
+    assert _rel(out, ref) < 1e-5 and info['nfe'] == ref_info['nfe'] == len(interleaved) - 1
+
+
+@pytest.mark.parametrize('base', [None, 'ipndm'])
+def test_nfe_is_counted_calls_with_and_without_afs(base):
+    gmm = _mixture()
+    module = AMEDPredictor()
+    params = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 64)), jnp.ones(1), jnp.ones(1))
+    calls = {'n': 0}
+
+    class Counting(_WithBottleneck):
+        def with_aux(self, x, sigma):
+            calls['n'] += 1
+            return super().with_aux(x, sigma)
+
+        def __call__(self, x, sigma):
+            calls['n'] += 1
+            return super().__call__(x, sigma)
+
+    with_zero = schedules.get('edm', num_steps=4)                      # 5 entries, last step into 0
+    for sigmas, expected in ((with_zero[:-1], 2 * (4 - 1)), (with_zero, 2 * (4 - 1) + 1)):
+        for afs in (False, True):
+            calls['n'] = 0
+            with jax.disable_jit():
+                out, info = samplers.get('amed', predictor=(module, params), base=base, afs=afs)(
+                    Counting(gmm.denoiser, 1.0), _x_T(80.0, batch=2), sigmas)
+            assert info['nfe'] == calls['n'] == expected - int(afs)
+            assert np.all(np.isfinite(np.asarray(out)))
+    # NFE 3/5/7/9 = N 3/4/5/6 with AFS
+    assert [T.num_points_for(nfe, afs=True) for nfe in (3, 5, 7, 9)] == [3, 4, 5, 6]
+    with pytest.raises(ValueError, match='no grid gives NFE 4'):
+        T.num_points_for(4, afs=True)
+
+
+def test_predictor_reads_the_bottleneck_and_zeros_without_one():
+    gmm, sigmas = _mixture(), schedules.get('edm', num_steps=4)[:-1]
+    x_T = _x_T(80.0)
+    module = AMEDPredictor()
+    params = module.init(jax.random.PRNGKey(3), jnp.zeros((1, 64)), jnp.ones(1), jnp.ones(1))
+    sampler = samplers.get('amed', predictor=(module, params))
+    plain, _ = sampler(gmm.denoiser, x_T, sigmas)
+    zero_bottleneck, _ = sampler(_WithBottleneck(gmm.denoiser, 0.0), x_T, sigmas)
+    with_bottleneck, _ = sampler(_WithBottleneck(gmm.denoiser, 1.0), x_T, sigmas)
+    np.testing.assert_allclose(np.asarray(plain), np.asarray(zero_bottleneck), rtol=1e-6, atol=1e-6)
+    assert _rel(with_bottleneck, plain) > 1e-4
+    # the features are the channel mean, flattened; a wrong bottleneck size is a clear error
+    aux = {'bottleneck': jnp.arange(2 * 8 * 8 * 3, dtype=jnp.float32).reshape(2, 8, 8, 3)}
+    np.testing.assert_allclose(A.bottleneck_features(aux, 2, 64), aux['bottleneck'].mean(-1).reshape(2, 64))
+    with pytest.raises(ValueError, match='64-value bottleneck'):
+        A.bottleneck_features({'bottleneck': jnp.zeros((2, 4, 4, 3))}, 2, 64)
+
+
+@pytest.fixture
+def x64():
+    previous = jax.config.jax_enable_x64
+    jax.config.update('jax_enable_x64', True)
+    yield
+    jax.config.update('jax_enable_x64', previous)
+
+
+def test_gradient_through_r_matches_finite_differences(x64):
+    """d(output)/dr by jax.grad equals a central difference; dropping the second call's dependence on r (stop
+    gradient on its output) gives a different gradient, so the check sees the path through D(y, a s)."""
+    gmm, sigmas = _mixture(jnp.float64), jnp.asarray([5.0, 1.5, 0.4], jnp.float64)
+    x_T = _x_T(5.0, batch=4, dtype=jnp.float64)
+    weights = jnp.asarray(np.random.default_rng(5).normal(size=x_T.shape))
+
+    def objective(r, denoiser=gmm.denoiser):
+        r_batch = jnp.full((x_T.shape[0],), r)
+        out, _, _ = A.run(denoiser, x_T, sigmas, predict=A.constant_predictor(r=r_batch, c=1.003, a=0.97))
+        return jnp.sum(out * weights)
+
+    frozen_denoiser = lambda x, s: jax.lax.stop_gradient(gmm.denoiser(x, s))
+    value, grad = jax.jit(objective), jax.jit(jax.grad(objective))
+    frozen_grad = jax.jit(jax.grad(lambda r: objective(r, frozen_denoiser)))
+    for r in (0.3, 0.5, 0.7):
+        eps = 1e-6
+        finite = (float(value(r + eps)) - float(value(r - eps))) / (2 * eps)
+        assert abs(float(grad(r)) - finite) <= 1e-6 * max(1.0, abs(finite))
+        assert abs(float(frozen_grad(r)) - finite) > 1e-3 * abs(finite)
+
+
+@pytest.mark.parametrize('base, teacher, extra_points, schedule', [(None, 'heun', 1, 'time_uniform'),
+                                                                   ('ipndm', 'ipndm', 2, 'edm')])
+def test_one_training_round_lowers_the_teacher_matching_loss(base, teacher, extra_points, schedule):
+    """Each interval's Adam step lowers that interval's loss L_n at the same start; for the single-step AMED-Solver
+    (restarts from the teacher) the whole round's loss drops too. The multistep iPNDM student continues from its
+    own output, so a later interval's start moves with the earlier updates."""
+    gmm = _mixture()
+    module = AMEDPredictor()
+    sigmas, teacher_sigmas = T.grids(schedule=schedule, num_points=4, sigma_min=0.002, sigma_max=80.0,
+                                     extra_points=extra_points)
+    assert np.allclose(np.asarray(teacher_sigmas[::extra_points + 1]), np.asarray(sigmas))
+    make = lambda params: gmm.denoiser
+    params = T.init_params(module, sigmas)
+    optimizer = T.optax.adam(5e-3)
+    opt_state = optimizer.init(params)
+    step = T.make_interval_step(make, module, optimizer, base=base, afs=True)
+    points = T.make_teacher(make, teacher_sigmas, teacher=teacher, extra_points=extra_points)((), _x_T(80.0, 64))
+    loss_of = jax.jit(lambda p, x, h, n: T.interval_loss(p, module, gmm.denoiser, x, h, n, sigmas[n], sigmas[n + 1],
+                                                         points[n + 1], base=base, afs=True)[0])
+    x, history, new_params = points[0], A.init_history(base, points[0]), params
+    for n in range(len(sigmas) - 1):
+        loss_before = loss_of(new_params, x, history, n)
+        new_params, opt_state, loss, x_next, history_next = step(new_params, opt_state, (), x, history, n,
+                                                                  sigmas[n], sigmas[n + 1], points[n + 1])
+        np.testing.assert_allclose(loss, loss_before, rtol=1e-5)
+        assert loss_of(new_params, x, history, n) < loss_before
+        x, history = (x_next, history_next) if base == 'ipndm' else (points[n + 1], history_next)
+    trained, _, _ = T.train_round(step, params, optimizer.init(params), (), points, sigmas, base=base)
+    jax.tree.map(np.testing.assert_array_equal, trained, new_params)                 # train_round = the loop above
+    if base is None:
+        round_losses = T.make_round_losses(make, module, base=base, afs=True)
+        before = np.asarray(round_losses(params, (), points, sigmas))
+        after = np.asarray(round_losses(new_params, (), points, sigmas))
+        assert after.sum() < before.sum()
+
+
+def test_predictor_checkpoint_round_trip_and_mismatch_errors(tmp_path):
+    gmm, module = _mixture(), AMEDPredictor(eps_c=0.02)
+    sigmas, _ = T.grids(schedule='edm', num_points=4, sigma_min=0.002, sigma_max=80.0)
+    params = T.init_params(module, sigmas, seed=4)
+    settings = T.make_settings(module, model={'analytic': 'mixture K=3 4x4x3'}, schedule='edm', num_points=4,
+                               sigma_min=0.002, sigma_max=80.0, rho=7.0, afs=True, base='ipndm', max_order=4,
+                               teacher='ipndm', extra_points=2, num_trajectories=128, batch_size=64, lr=5e-3, seed=4)
+    T.save_predictor(str(tmp_path), params, settings)
+    sampler, loaded_sigmas, loaded = T.load_sampler(str(tmp_path), nfe=5, model={'analytic': 'mixture K=3 4x4x3'})
+    assert loaded == settings and loaded['nfe'] == 5
+    np.testing.assert_array_equal(np.asarray(loaded_sigmas), np.asarray(sigmas))
+    x_T = _x_T(80.0)
+    out, info = sampler(gmm.denoiser, x_T, loaded_sigmas)
+    ref, _ = samplers.get('amed', predictor=(module, params), base='ipndm', afs=True)(gmm.denoiser, x_T, sigmas)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(ref))
+    assert info['nfe'] == 5
+    with pytest.raises(UserError, match='trained for NFE 5'):
+        T.load_sampler(str(tmp_path), nfe=7)
+    with pytest.raises(UserError, match='trained for model'):
+        T.load_sampler(str(tmp_path), model={'analytic': 'another'})
+    with pytest.raises(UserError, match='no AMED predictor'):
+        T.load_sampler(str(tmp_path / 'missing'))
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match='unknown base'):
+        samplers.get('amed', base='heun')
+    with pytest.raises(ValueError, match='no option'):
+        samplers.get('amed', r=0.3)
+    with pytest.raises(ValueError, match='needs its parameters'):
+        samplers.get('amed', predictor=AMEDPredictor())
+    with pytest.raises(ValueError, match='amed.schedule'):
+        T.grids(schedule='ddpm', num_points=4, sigma_min=0.002, sigma_max=80.0)
+
+
+def test_train_amed_mode_reports_missing_inputs(tmp_path):
+    path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits_amed.py')
+    spec = importlib.util.spec_from_file_location('digits_amed', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config()
+    with pytest.raises(UserError, match='--workdir is required'):
+        T.train(config, None)
+    config.amed.model_workdir = str(tmp_path / 'no_model')
+    with pytest.raises(UserError, match='no checkpoint found'):
+        T.train(config, str(tmp_path / 'predictor'))
