@@ -77,14 +77,8 @@ def part_target(batch_size, reference_sizes, chunk_size, repeats, naive_run_limi
 
 def part_step(model_size, batch_size, reference_size, repeats):
     """Step time of the real training step with loss.target 'x0' vs 'stf' (same model, batch, devices)."""
-    import importlib.util
-    import os
-    from jaxdiff import mesh as mesh_lib, train
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'configs', 'cifar_stf.py')
-    spec = importlib.util.spec_from_file_location('cifar_stf', path)
-    cifar_stf = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cifar_stf)
-    config = cifar_stf.get_config()
+    from jaxdiff import config_files, mesh as mesh_lib, train
+    config = config_files.named('cifar_stf')
     config.training.batch_size = batch_size
     config.loss.reference_size = reference_size
     if model_size == 'tiny':

@@ -12,18 +12,9 @@ The model fields (config.model, data, loss, training) must be those the checkpoi
 copied from configs/cifar_edm.py. The predictor workdir then holds everything sampling needs
 (`jaxdiff.amed_train.load_sampler(workdir)`).
 """
-import importlib.util
-import os
-
 from ml_collections import config_dict
 
-
-def base_config(name):
-    """get_config() of another file in configs/ (the model this predictor is trained for)."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from jaxdiff.config_files import sibling
 
 
 def amed_fields(**overrides):
@@ -38,6 +29,6 @@ def amed_fields(**overrides):
 
 
 def get_config():
-    config = base_config('cifar_edm')
+    config = sibling(__file__, 'cifar_edm').get_config()
     config.amed = amed_fields()
     return config

@@ -32,6 +32,7 @@ def get_config():
         ema_halflife_images=500_000,    # 0.5 Mimg
         ema_rampup_ratio=0.05,
         seed=0,
+        precision='fp32',               # fp32 | tf32 | bf16 (jaxdiff.precision)
         log_every_steps=100,
         checkpoint_every_steps=5_000,   # ~2.5 Mimg, EDM's snapshot interval
         keep_checkpoints=3,

@@ -13,22 +13,13 @@ at 35 NFE (DDPM++ 1.92). To train that one:
 Needs the prepared tfds CIFAR-10 (see configs/cifar_edm.py and --config.data.data_dir); without it the command stops
 at once with instructions.
 """
-import importlib.util
-import os
-
 from ml_collections import config_dict
 
-
-def _sibling(name):
-    """configs/NAME.py loaded by path, so this file works from any working directory."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxdiff.config_files import sibling
 
 
 def get_config():
-    config = _sibling('cifar_edm').get_config()
+    config = sibling(__file__, 'cifar_edm').get_config()
     config.loss.target = 'stf'
     config.loss.reference_size = 4096                                 # R, global; the paper's default
     config.loss.reference_chunk_size = config_dict.placeholder(int)   # None: all R at once (4 MiB of logits per 64)

@@ -6,19 +6,11 @@
 The iPNDM plugin instead: add --config.amed.base=ipndm --config.amed.schedule=edm --config.amed.teacher=ipndm
 --config.amed.extra_points=2. NFE = 2 (num_points - 1) - afs (num_points 4 with AFS: NFE 5).
 """
-import importlib.util
-import os
-
-
-def _sibling(name):
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxdiff.config_files import sibling
 
 
 def get_config():
-    config = _sibling('quickstart').get_config()
-    config.amed = _sibling('cifar_amed').amed_fields(model_workdir='runs/quickstart', num_trajectories=2048,
+    config = sibling(__file__, 'quickstart').get_config()
+    config.amed = sibling(__file__, 'cifar_amed').amed_fields(model_workdir='runs/quickstart', num_trajectories=2048,
                                                      batch_size=64, log_every_rounds=8)
     return config

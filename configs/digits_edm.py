@@ -18,7 +18,8 @@ def get_config():
                        sigma_data=0.5, P_mean=-1.2, P_std=1.2)
     config.training = dict(batch_size=256, total_images=20_000_000, lr=1e-3, lr_rampup_images=1_000_000,
                            ema_halflife_images=200_000, ema_rampup_ratio=0.05, seed=0, log_every_steps=200,
-                           checkpoint_every_steps=5_000, keep_checkpoints=3, sample_every_steps=10_000)
+                           checkpoint_every_steps=5_000, keep_checkpoints=3, sample_every_steps=10_000,
+                           precision='fp32')
     config.sampling = dict(sampler='heun', schedule='edm', num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                            num_samples=100, batch_size=100, seed=0)
     config.distributed = dict(initialize=False, coordinator_address=config_dict.placeholder(str),

@@ -7,20 +7,11 @@ field (Xu et al., ICLR 2023) with a global reference batch of R = 512 of the 150
 Training writes checkpoints and a sample grid (WORKDIR/samples/step_*.png) at the end; --mode=sample draws more
 from the EMA weights. Compare with configs/quickstart.py (the same run with the plain target).
 """
-import importlib.util
-import os
-
-
-def _sibling(name):
-    """configs/NAME.py loaded by path, so this file works from any working directory."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(__file__), f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxdiff.config_files import sibling
 
 
 def get_config():
-    config = _sibling('quickstart').get_config()
+    config = sibling(__file__, 'quickstart').get_config()
     config.loss.target = 'stf'
-    config.loss.reference_size = 512          # R >= training.batch_size (64), a multiple of the device count
+    config.loss.reference_size = 512          # R >= training.batch_size (32), a multiple of the device count
     return config

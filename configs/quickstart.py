@@ -18,7 +18,8 @@ def get_config():
                        sigma_data=0.5, P_mean=-1.2, P_std=1.2)
     config.training = dict(batch_size=32, total_images=32 * 1500, lr=2e-3, lr_rampup_images=10_000,
                            ema_halflife_images=10_000, ema_rampup_ratio=0.1, seed=0, log_every_steps=100,
-                           checkpoint_every_steps=750, keep_checkpoints=2, sample_every_steps=750)
+                           checkpoint_every_steps=750, keep_checkpoints=2, sample_every_steps=750,
+                           precision='fp32')
     config.sampling = dict(sampler='heun', schedule='edm', num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                            num_samples=64, batch_size=64, seed=0)
     config.distributed = dict(initialize=False, coordinator_address=config_dict.placeholder(str),

@@ -17,7 +17,8 @@ def get_config():
                        sigma_data=1.4, P_mean=-1.2, P_std=1.2)
     config.training = dict(batch_size=256, total_images=2_560_000, lr=1e-3, lr_rampup_images=100_000,
                            ema_halflife_images=50_000, ema_rampup_ratio=0.05, seed=0, log_every_steps=1_000,
-                           checkpoint_every_steps=5_000, keep_checkpoints=2, sample_every_steps=5_000)
+                           checkpoint_every_steps=5_000, keep_checkpoints=2, sample_every_steps=5_000,
+                           precision='fp32')
     config.sampling = dict(sampler='heun', schedule='edm', num_steps=18, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                            num_samples=1_000, batch_size=1_000, seed=0)
     config.distributed = dict(initialize=False, coordinator_address=config_dict.placeholder(str),

@@ -183,11 +183,8 @@ def reference_solve(make_target, x_T, num_steps=251, sigma_min=0.002, sigma_max=
 
 def load_config(path):
     """get_config() of a config file (e.g. configs/digits_amed.py)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location('bench_model_config', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    from jaxdiff import config_files
+    return config_files.load(path)
 
 
 def model_rows(config, model_workdir, *, nfes=(5,), methods=tuple(METHODS), num_trajectories=256, batch_size=64,
@@ -300,7 +297,7 @@ def main(argv=None):
         rows = model_rows(config, args.model_workdir or config.amed.model_workdir, nfes=model_nfes,
                           methods=args.methods.split(','), num_trajectories=args.model_trajectories,
                           num_eval=args.num_eval)
-        print(f'\ndigits model: RMSE against Heun 501 NFE from the same noise; Frechet distance to held-out digits')
+        print('\ndigits model: RMSE against Heun 501 NFE from the same noise; Frechet distance to held-out digits')
         print(table(rows, model_nfes), '\n', table([dict(r, error=r['fd']) for r in rows], model_nfes + (501,)))
         all_rows += rows
     with open(os.path.join(args.out, 'bench_amed.json'), 'w') as f:

@@ -12,7 +12,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxdiff import checkpoint as checkpoint_lib
-from jaxdiff import images, losses, mesh as mesh_lib, models, samplers, schedules
+from jaxdiff import images, losses, mesh as mesh_lib, models, precision, samplers, schedules
 from jaxdiff import train as train_lib
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.errors import UserError
@@ -51,7 +51,8 @@ class Generator:
             x0, info = sampler(denoiser, x_T, self.sigmas, key=sampler_key)
             return x0, jnp.asarray(info['nfe'], jnp.int32)
 
-        self._generate = jax.jit(generate, out_shardings=(sharding, mesh_lib.replicated(mesh)))
+        self._generate = jax.jit(precision.with_matmul_precision(generate, precision.from_config(config)),
+                                 out_shardings=(sharding, mesh_lib.replicated(mesh)))
 
     def __call__(self, params, num_samples):
         batches = []
@@ -68,7 +69,7 @@ def sample(config, workdir):
         raise UserError('--workdir is required for --mode=sample (the directory holding checkpoints/)')
     mesh_lib.initialize_distributed(**config.distributed)
     mesh = mesh_lib.make_mesh()
-    model = models.from_config(config)
+    model = precision.apply_to_model(models.from_config(config), precision.from_config(config))
     precond = losses.build(**config.loss).parameterization.precond
     t = config.training
     optimizer = train_lib.make_optimizer(lr=t.lr, lr_rampup_images=t.lr_rampup_images, batch_size=t.batch_size)

@@ -23,7 +23,7 @@ import optax
 from jaxdiff import augment as augment_lib
 from jaxdiff import checkpoint as checkpoint_lib
 from jaxdiff import data as data_lib
-from jaxdiff import images, logger as logger_lib, losses, mesh as mesh_lib, models
+from jaxdiff import images, logger as logger_lib, losses, mesh as mesh_lib, models, precision
 from jaxdiff.errors import UserError
 
 
@@ -180,16 +180,18 @@ class Setup(NamedTuple):
 
 
 def build(config):
-    """Model, loss pieces, optimizer and the (un-jitted) step named by the config."""
+    """Model, loss pieces, optimizer and the (un-jitted) step named by the config; config.training.precision
+    (jaxdiff.precision) sets the network's compute dtype and the step's conv / matmul precision."""
     t = config.training
-    model = models.from_config(config)
+    policy = precision.from_config(config)
+    model = precision.apply_to_model(models.from_config(config), policy)
     pieces = losses.build(**config.loss)
     optimizer = make_optimizer(lr=t.lr, lr_rampup_images=t.lr_rampup_images, batch_size=t.batch_size)
     train_step = make_train_step(losses.make_loss(make_network(model), pieces), optimizer, seed=t.seed,
                                  batch_size=t.batch_size, lr=t.lr, lr_rampup_images=t.lr_rampup_images,
                                  ema_halflife_images=t.ema_halflife_images,
                                  ema_rampup_ratio=t.ema_rampup_ratio, augment=augment_options(config.data))
-    return Setup(model, pieces, optimizer, train_step)
+    return Setup(model, pieces, optimizer, precision.with_matmul_precision(train_step, policy))
 
 
 def abstract_state(config, model, optimizer, mesh):

@@ -1,16 +1,13 @@
 """AMED (Zhou et al., CVPR 2024): reductions to DPM-Solver-2 and to the plugins' base solvers, honest NFE with and
 without AFS, the bottleneck input, gradients through r, one training round, and the predictor checkpoint;
 against exact mixture denoisers."""
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from jaxdiff import amed_train as T
-from jaxdiff import analytic, samplers, schedules
+from jaxdiff import analytic, config_files, samplers, schedules
 from jaxdiff.errors import UserError
 from jaxdiff.models.amed_predictor import AMEDPredictor
 from jaxdiff.samplers import amed as A
@@ -239,11 +236,7 @@ def test_options_are_checked():
 
 
 def test_train_amed_mode_reports_missing_inputs(tmp_path):
-    path = os.path.join(os.path.dirname(__file__), '..', 'configs', 'digits_amed.py')
-    spec = importlib.util.spec_from_file_location('digits_amed', path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
+    config = config_files.named('digits_amed')
     with pytest.raises(UserError, match='--workdir is required'):
         T.train(config, None)
     config.amed.model_workdir = str(tmp_path / 'no_model')

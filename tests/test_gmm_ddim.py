@@ -227,14 +227,8 @@ def test_benchmark_writes_rows_and_shares_random_numbers(tmp_path, capsys):
     """A tiny run of mode bench_gmm_ddim: CSV rows for every (dataset, method, eta, steps, seed) plus the exact-sample
     floor, NFE = steps, finite metrics, a PNG; with scale = 0 the GMM rows equal DDIM's (common random numbers)."""
     import csv
-    import importlib.util
-    import pathlib
-    from jaxdiff import bench_gmm_ddim
-    path = pathlib.Path(__file__).parents[1] / 'configs' / 'bench_gmm_ddim.py'
-    spec = importlib.util.spec_from_file_location('bench_gmm_ddim_config', path)
-    bench_config = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_config)
-    config = bench_config.get_config()
+    from jaxdiff import bench_gmm_ddim, config_files
+    config = config_files.named('bench_gmm_ddim')
     config.gmm_ddim.num_components = 4
     config.gmm_ddim.scale = 0.0
     config.bench.update(methods=('ddim', 'ortho'), steps=(3,), etas=(0.5,), num_seeds=2, num_samples=64,

@@ -152,19 +152,7 @@ def test_stf_target_has_lower_variance_than_the_plain_target_at_intermediate_sig
 
 # ---------------------------------------------------------------- STF in the loss and the training loop
 
-def load_config(name, **overrides):
-    """configs/NAME.py's get_config() with nested overrides {'training.batch_size': 16, ...}."""
-    import importlib.util
-    import os
-    path = os.path.join(os.path.dirname(__file__), '..', 'configs', f'{name}.py')
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for field, value in overrides.items():
-        group, key = field.split('.')
-        config[group][key] = value
-    return config
+from jaxdiff.config_files import named as load_config   # noqa: E402  configs/NAME.py with dotted overrides
 
 
 def sigma_of_c_noise(parameterization, c_noise):
@@ -226,12 +214,12 @@ def test_reference_batch_is_the_minibatch_then_independently_augmented_extras():
     assert changed.mean() > 0.5                                            # each extra image gets its own transform
 
 
-@pytest.mark.parametrize('reference_size, message', [(32, 'must be an integer >= training.batch_size=64'),
+@pytest.mark.parametrize('reference_size, message', [(16, 'must be an integer >= training.batch_size=32'),
                                                      (100, 'not divisible by the number of devices')])
 def test_bad_reference_sizes_are_one_line_errors(reference_size, message):
     from jaxdiff import train
     from jaxdiff.errors import UserError
-    config = load_config('digits_stf', **{'loss.reference_size': reference_size})
+    config = load_config('digits_stf', **{'loss.reference_size': reference_size, 'training.batch_size': 32})
     with pytest.raises(UserError, match=message) as error:
         train.check_reference_size(config, make_mesh())
     assert 'config.loss.reference_size' in str(error.value) and '\n' not in str(error.value)

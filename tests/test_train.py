@@ -1,6 +1,5 @@
 """The training loop: EDM's schedules, learning on a 2-D mixture, 8-device == 1-device, bit-identical resume after
 SIGTERM, NaN handling, and the full CIFAR-10 recipe (shapes only) plus a reduced one on tfds mock data."""
-import importlib.util
 import json
 import os
 import signal
@@ -10,22 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, data, losses as losses_lib, mesh as mesh_lib, models, train
+from jaxdiff import checkpoint, config_files, data, losses as losses_lib, mesh as mesh_lib, models, train
 from jaxdiff.denoiser import Denoiser
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_config(name, **overrides):
-    """configs/NAME.py's get_config() with dotted overrides, e.g. **{'training.batch_size': 8}."""
-    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, 'configs', f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config()
-    for field, value in overrides.items():
-        section, key = field.split('.')
-        config[section][key] = value
-    return config
+load_config = config_files.named     # configs/NAME.py with dotted overrides, e.g. **{'training.batch_size': 8}
 
 
 def toy_config(steps, **overrides):

@@ -1,0 +1,52 @@
+"""benchmarks/throughput.py end to end on CPU with a tiny SongUNet: every part runs and its JSON line is complete
+and self-consistent (no timing assertions: speed figures are the benchmark's output, not a test's)."""
+import importlib.util
+import json
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location('throughput', os.path.join(ROOT, 'benchmarks', 'throughput.py'))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_throughput_benchmark_writes_a_complete_json_line(tmp_path, capsys):
+    throughput = load_benchmark()
+    out = tmp_path / 'results.jsonl'
+    tiny = ['model.model_channels=8', 'model.channel_mult=(1, 2)', 'model.num_blocks=1', 'model.attn_resolutions=()']
+    argv = ['--config', os.path.join(ROOT, 'configs', 'quickstart.py'), '--batch=8', '--sample_batch=4',
+            '--sample_steps=4', '--warmup=1', '--steps=2', '--forward_repeats=1', '--devices=1',
+            '--accounting_batch=16', f'--out={out}'] + [f'--override={o}' for o in tiny]
+    result = throughput.main(argv)
+    lines = out.read_text().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0]) == json.loads(json.dumps(result))
+    r = json.loads(lines[0])
+    assert (r['platform'], r['precision'], r['batch'], r['num_devices']) == ('cpu', 'fp32', 8, 1)
+    assert r['command'].startswith('python benchmarks/throughput.py') and r['jax'] and r['date']
+    assert len(r['load_average_start']) == 3
+    for field in ('train_images_per_s', 'train_step_s', 'forward_images_per_s', 'sample_images_per_s',
+                  'peak_memory_gib', 'train_memory_gib', 'train_gflop_per_image'):
+        assert r[field] > 0, field
+    assert r['train_images_per_s'] == pytest.approx(8 / r['train_step_s'])
+    assert r['sample_nfe'] == 2 * 4 - 1 and r['sample_finite'] and r['train_loss_finite']
+    # XLA's FLOPs per image do not depend on the batch, and a training step costs about 3 forward passes
+    # (forward + backward through activations and weights; the first conv needs no input gradient)
+    assert r['accounting_gflop_per_image'] == pytest.approx(r['train_gflop_per_image'], rel=0.05)
+    assert 2.5 < r['train_gflop_per_image'] / r['forward_gflop_per_image'] < 3.6
+    assert r['train_flop_ratio_vs_edm'] == pytest.approx(r['accounting_gflop_per_image'] / (3 * 42.4))
+    memory = r['train_memory_bytes']   # donation: the state's input buffers are reused by the outputs
+    assert memory['alias'] > 0.9 * memory['output']
+    assert 'mfu' not in r              # no MFU on a CPU
+    assert 'train ' in capsys.readouterr().out
+
+
+def test_unknown_precision_is_rejected_before_compiling():
+    throughput = load_benchmark()
+    with pytest.raises(SystemExit):
+        throughput.main(['--config', os.path.join(ROOT, 'configs', 'quickstart.py'), '--precision=fp16'])
