@@ -302,7 +302,7 @@ def train(config, workdir, *, source=None, devices=None):
     start = int(jax.device_get(state.step))
     num_params = sum(x.size for x in jax.tree.leaves(state.params))
     print(f'training {num_params:,} parameters for steps {start}..{num_steps} (batch {t.batch_size} on '
-          f'{mesh.devices.size} devices) in {workdir}', flush=True)
+          f'{mesh.devices.size} device{"s" if mesh.devices.size > 1 else ""}) in {workdir}', flush=True)
 
     train_step = jit_train_step(setup.train_step, mesh)
     generator = Generator(config, setup.model, setup.pieces.parameterization.precond, mesh)
