@@ -201,17 +201,16 @@ def model_rows(config, model_workdir, *, nfes=(5,), methods=tuple(METHODS), num_
     x_T = 80.0 * jax.random.normal(jax.random.PRNGKey(54321), (num_eval, *shape), jnp.float32)
 
     def solve(sampler, sigmas):
-        """(samples [num_eval, ...], NFE) in batches of eval_batch; the NFE is a Python int at trace time."""
-        nfe = {}
+        """(samples [num_eval, ...], NFE) in batches of eval_batch; the NFE leaves jit as an output (inside jit the
+        grid is traced, so it is a traced int there)."""
 
+        @jax.jit
         def run(x):
             out, info = sampler(denoiser, x, sigmas)
-            nfe['value'] = info['nfe']
-            return out
+            return out, info['nfe']
 
-        run = jax.jit(run)
-        out = np.concatenate([np.asarray(run(x_T[i:i + eval_batch])) for i in range(0, num_eval, eval_batch)])
-        return out, nfe['value']
+        outs, nfes = zip(*(run(x_T[i:i + eval_batch]) for i in range(0, num_eval, eval_batch)))
+        return np.concatenate([np.asarray(o) for o in outs]), int(nfes[0])
 
     def evaluate(method, nfe, sampler, sigmas):
         out, counted = solve(sampler, sigmas)

@@ -11,15 +11,6 @@ from jaxdiff import losses, precond
 POINT = 0.7  # every training example is the constant image POINT: the exact denoiser is D = POINT
 
 
-def sigma_from_c_noise(parameterization, c_noise):
-    """Inverts c_noise(sigma) of EDM Table 1."""
-    if parameterization == 'edm':
-        return jnp.exp(4 * c_noise)
-    if parameterization == 've':
-        return 2 * jnp.exp(c_noise)
-    return precond.vp_sigma_of_t(c_noise / 999)
-
-
 @pytest.mark.parametrize('parameterization', ['edm', 'vp', 've'])
 def test_exact_denoiser_has_zero_loss(parameterization):
     """A network whose D is the exact posterior mean of a point mass gives loss 0; F = 0 does not (so the
@@ -27,7 +18,7 @@ def test_exact_denoiser_has_zero_loss(parameterization):
     pieces = losses.build(parameterization=parameterization)
 
     def exact_network(params, x_in, c_noise, batch, key):
-        sigma = sigma_from_c_noise(parameterization, c_noise)
+        sigma = precond.sigma_of_c_noise(parameterization, c_noise)
         c = pieces.parameterization.precond(sigma)
         x = x_in / precond.per_example(c.c_in, x_in)
         return (POINT - precond.per_example(c.c_skip, x) * x) / precond.per_example(c.c_out, x)

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from jaxdiff import analytic, stf
+from jaxdiff import analytic, precond, stf
+from jaxdiff.config_files import named as load_config   # configs/NAME.py with dotted overrides
 from jaxdiff.mesh import make_mesh
 
 
@@ -152,19 +153,6 @@ def test_stf_target_has_lower_variance_than_the_plain_target_at_intermediate_sig
 
 # ---------------------------------------------------------------- STF in the loss and the training loop
 
-from jaxdiff.config_files import named as load_config   # noqa: E402  configs/NAME.py with dotted overrides
-
-
-def sigma_of_c_noise(parameterization, c_noise):
-    """Inverts each parameterization's c_noise(sigma) (EDM Table 1), to give a test network its noise level."""
-    from jaxdiff import precond
-    if parameterization == 'edm':
-        return jnp.exp(4 * c_noise)
-    if parameterization == 've':
-        return 2 * jnp.exp(c_noise)
-    return precond.vp_sigma_of_t(c_noise / 999)
-
-
 @pytest.mark.parametrize('parameterization', ['edm', 'vp', 've'])
 def test_stf_loss_is_zero_for_the_exact_denoiser_in_every_parameterization(parameterization):
     """With the whole data set as reference, the STF target IS the exact posterior mean, so a network whose D is
@@ -180,7 +168,7 @@ def test_stf_loss_is_zero_for_the_exact_denoiser_in_every_parameterization(param
         pieces = losses.build(parameterization=parameterization, target=target, reference_size=32)
 
         def network(params, x_in, c_noise, batch, key):
-            sigma = sigma_of_c_noise(parameterization, c_noise)
+            sigma = precond.sigma_of_c_noise(parameterization, c_noise)
             c = pieces.parameterization.precond(sigma)
             x = x_in / c.c_in.reshape(-1, 1, 1, 1)
             return (exact(x, sigma) - c.c_skip.reshape(-1, 1, 1, 1) * x) / c.c_out.reshape(-1, 1, 1, 1)
