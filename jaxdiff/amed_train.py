@@ -259,20 +259,14 @@ def describe_model(config, model_workdir, step):
 
 def load_model_denoiser(config, model_workdir):
     """(make_denoiser, ema_params, step) of the trained jaxdiff checkpoint in `model_workdir` (as `sample` does)."""
-    from jaxdiff import losses, mesh as mesh_lib
-    from jaxdiff import train as train_lib
+    from jaxdiff import mesh as mesh_lib
     from jaxdiff.denoiser import Denoiser
+    from jaxdiff.sample import restore_trained
 
     if getattr(config.model, 'label_dim', 0):
         raise UserError('train_amed supports unconditional models only (model.label_dim must be 0)')
-    mesh = mesh_lib.make_mesh()
-    model = models.from_config(config)
-    precond = losses.build(**config.loss).parameterization.precond
-    t = config.training
-    optimizer = train_lib.make_optimizer(lr=t.lr, lr_rampup_images=t.lr_rampup_images, batch_size=t.batch_size)
-    step, state = checkpoint_lib.restore_latest(model_workdir,
-                                                train_lib.abstract_state(config, model, optimizer, mesh))
-    return (lambda params: Denoiser(model.apply, params, precond)), state.ema_params, step
+    model, precond, step, ema_params = restore_trained(config, model_workdir, mesh_lib.make_mesh())
+    return (lambda params: Denoiser(model.apply, params, precond)), ema_params, step
 
 
 def bottleneck_size(denoiser, sample_shape):

@@ -63,19 +63,26 @@ class Generator:
         return np.concatenate(batches)[:num_samples]
 
 
+def restore_trained(config, workdir, mesh):
+    """(model, precond, step, ema_params) of the latest training checkpoint in `workdir` (a one-line UserError naming
+    the path when there is none); `Denoiser(model.apply, ema_params, precond)` is then the trained denoiser."""
+    model = precision.apply_to_model(models.from_config(config), precision.from_config(config))
+    precond = losses.build(**config.loss).parameterization.precond
+    t = config.training
+    optimizer = train_lib.make_optimizer(lr=t.lr, lr_rampup_images=t.lr_rampup_images, batch_size=t.batch_size)
+    step, state = checkpoint_lib.restore_latest(workdir, train_lib.abstract_state(config, model, optimizer, mesh))
+    return model, precond, step, state.ema_params
+
+
 def sample(config, workdir):
     """Writes `WORKDIR/samples.npz` (samples in [-1, 1], sigmas, nfe, step) and the grid `WORKDIR/samples.png`."""
     if not workdir:
         raise UserError('--workdir is required for --mode=sample (the directory holding checkpoints/)')
     mesh_lib.initialize_distributed(**config.distributed)
     mesh = mesh_lib.make_mesh()
-    model = precision.apply_to_model(models.from_config(config), precision.from_config(config))
-    precond = losses.build(**config.loss).parameterization.precond
-    t = config.training
-    optimizer = train_lib.make_optimizer(lr=t.lr, lr_rampup_images=t.lr_rampup_images, batch_size=t.batch_size)
-    step, state = checkpoint_lib.restore_latest(workdir, train_lib.abstract_state(config, model, optimizer, mesh))
+    model, precond, step, ema_params = restore_trained(config, workdir, mesh)
     generator = Generator(config, model, precond, mesh)
-    samples = generator(state.ema_params, config.sampling.num_samples)
+    samples = generator(ema_params, config.sampling.num_samples)
     if jax.process_index() == 0:
         npz = images.save_npz(os.path.join(workdir, 'samples.npz'), samples=samples,
                               sigmas=np.asarray(generator.sigmas), nfe=generator.nfe, step=step)
