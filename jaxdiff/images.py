@@ -1,4 +1,5 @@
-"""Writing samples to disk: PNG grids of images (NHWC in [-1, 1]), PNG scatter plots of 2-D points, and .npz files."""
+"""Pictures of samples: grids of images (NHWC in [-1, 1]) and scatter plots of 2-D points, as uint8 arrays
+(`picture`, for TensorBoard) or PNG files (`save_png`), and .npz files."""
 import math
 import os
 
@@ -26,20 +27,16 @@ def grid(images, columns=None, padding=1):
     return canvas
 
 
-def save_grid(path, images, *, columns=None, min_size=256):
-    """Writes a PNG grid of images [N, H, W, C] (C = 1 or 3), upscaled (nearest) to at least `min_size` pixels."""
+def grid_picture(images, *, columns=None, min_size=256):
+    """The picture of `save_grid` as a uint8 array [H, W, C]: the grid, upscaled (nearest) to >= `min_size` pixels."""
     canvas = grid(images, columns)
-    image = Image.fromarray(canvas[..., 0] if canvas.shape[-1] == 1 else canvas)
     scale = max(1, math.ceil(min_size / max(canvas.shape[:2])))
-    if scale > 1:
-        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
-    _makedirs_for(path)
-    image.save(path)
-    return path
+    return np.repeat(np.repeat(canvas, scale, axis=0), scale, axis=1)
 
 
-def save_points(path, points, *, size=384, extent=None):
-    """Writes a PNG scatter plot of 2-D points [N, 2]; `extent` (half-width of the square shown) defaults to the data's."""
+def points_picture(points, *, size=384, extent=None):
+    """The picture of `save_points` as a uint8 RGB array [size, size, 3]: a scatter plot of 2-D points [N, 2];
+    `extent` (half-width of the square shown) defaults to the data's."""
     points = np.asarray(points, np.float64)
     extent = extent or max(1e-6, float(np.nanmax(np.abs(points)))) * 1.05
     pixels = (points / extent * 0.5 + 0.5) * (size - 1)
@@ -47,19 +44,41 @@ def save_points(path, points, *, size=384, extent=None):
     draw = ImageDraw.Draw(image)
     for x, y in pixels[np.all(np.isfinite(pixels), axis=1)]:
         draw.ellipse((x - 1.5, size - 1 - y - 1.5, x + 1.5, size - 1 - y + 1.5), fill=(31, 119, 180))
+    return np.asarray(image)
+
+
+def picture(samples):
+    """Samples as one uint8 picture [H, W, C]: a grid for images [N, H, W, C], a scatter plot for points [N, 2]
+    (what `save_png` writes, and what `Logger.image` sends to TensorBoard)."""
+    samples = np.asarray(samples)
+    if samples.ndim == 2 and samples.shape[1] == 2:
+        return points_picture(samples)
+    if samples.ndim == 4:
+        return grid_picture(samples)
+    raise ValueError(f'cannot draw samples of shape {samples.shape}: expected images [N, H, W, C] or points [N, 2]')
+
+
+def save_picture(path, pixels):
+    """Writes a uint8 picture [H, W, C] (C = 1, 3 or 4) or [H, W] as a PNG."""
+    pixels = np.asarray(pixels, np.uint8)
     _makedirs_for(path)
-    image.save(path)
+    Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).save(path)
     return path
+
+
+def save_grid(path, images, *, columns=None, min_size=256):
+    """Writes a PNG grid of images [N, H, W, C] (C = 1 or 3), upscaled (nearest) to at least `min_size` pixels."""
+    return save_picture(path, grid_picture(images, columns=columns, min_size=min_size))
+
+
+def save_points(path, points, *, size=384, extent=None):
+    """Writes a PNG scatter plot of 2-D points [N, 2]; `extent` (half-width of the square shown) defaults to the data's."""
+    return save_picture(path, points_picture(points, size=size, extent=extent))
 
 
 def save_png(path, samples):
     """A PNG of samples: a grid for images [N, H, W, C], a scatter plot for points [N, 2]."""
-    samples = np.asarray(samples)
-    if samples.ndim == 2 and samples.shape[1] == 2:
-        return save_points(path, samples)
-    if samples.ndim == 4:
-        return save_grid(path, samples)
-    raise ValueError(f'cannot draw samples of shape {samples.shape}: expected images [N, H, W, C] or points [N, 2]')
+    return save_picture(path, picture(samples))
 
 
 def save_npz(path, **arrays):
