@@ -11,6 +11,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 class Coefficients(NamedTuple):
@@ -22,8 +23,10 @@ class Coefficients(NamedTuple):
 
 
 def per_example(c, x):
-    """Reshapes a per-example array c [B] so that it broadcasts against x [B, ...]."""
-    return jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim))
+    """A per-example value c (a scalar, [B] or already [B, 1, ...]) as [B, 1, ..., 1], broadcasting against x [B, ...]
+    (SPEC: sigma is a scalar or [B]). The one helper for this across the library."""
+    c = jnp.asarray(c)
+    return jnp.broadcast_to(jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim)), x.shape[:1] + (1,) * (x.ndim - 1))
 
 
 def apply(F: Callable, x, coefficients: Coefficients):
@@ -47,7 +50,12 @@ def edm(sigma, *, sigma_data=0.5):
     return Coefficients(c_skip=sigma_data ** 2 / total,
                         c_out=sigma * sigma_data / jnp.sqrt(total),
                         c_in=1 / jnp.sqrt(total),
-                        c_noise=jnp.log(sigma) / 4)
+                        c_noise=edm_noise_label(sigma))
+
+
+def edm_noise_label(sigma):
+    """c_noise = ln(sigma) / 4  (EDM Table 1): the noise label an EDM network reads (also AMED's time input)."""
+    return jnp.log(sigma) / 4
 
 
 def edm_weight(sigma, *, sigma_data=0.5):
@@ -62,14 +70,25 @@ def edm_sigma(key, shape, *, P_mean=-1.2, P_std=1.2):
 
 # ---------------------------------------------------------------- VP (Table 1, column "VP"; Song et al. 2021)
 
+def _namespace(a):
+    """NumPy for NumPy input (schedules builds its grids in float64 on the host), jax.numpy otherwise."""
+    return np if isinstance(a, (np.ndarray, np.generic)) else jnp
+
+
 def vp_sigma_of_t(t, *, beta_d=19.9, beta_min=0.1):
-    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)  (EDM Table 1, VP schedule)."""
-    return jnp.sqrt(jnp.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
+    """sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1)  (EDM Table 1, VP schedule; beta_d = beta_max - beta_min).
+
+    NumPy in, NumPy out (float64 stays float64); anything else runs in jax.numpy."""
+    xp = _namespace(t)
+    return xp.sqrt(xp.expm1(0.5 * beta_d * t ** 2 + beta_min * t))
 
 
 def vp_t_of_sigma(sigma, *, beta_d=19.9, beta_min=0.1):
-    """sigma^{-1}(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(sigma^2 + 1)) - beta_min) / beta_d  (EDM Table 1)."""
-    return (jnp.sqrt(beta_min ** 2 + 2 * beta_d * jnp.log1p(sigma ** 2)) - beta_min) / beta_d
+    """sigma^{-1}(sigma) = (sqrt(beta_min^2 + 2 beta_d ln(sigma^2 + 1)) - beta_min) / beta_d  (EDM Table 1).
+
+    NumPy in, NumPy out; anything else runs in jax.numpy."""
+    xp = _namespace(sigma)
+    return (xp.sqrt(beta_min ** 2 + 2 * beta_d * xp.log1p(sigma ** 2)) - beta_min) / beta_d
 
 
 def vp(sigma, *, beta_d=19.9, beta_min=0.1, M=1000):

@@ -19,6 +19,8 @@ import inspect
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import precond
+
 
 def _check_range(num_steps, sigma_min, sigma_max):
     if int(num_steps) != num_steps or num_steps < 1:
@@ -54,16 +56,13 @@ def logsnr(*, num_steps=18, sigma_min=0.002, sigma_max=80.0):
 
 
 def vp_sigma(t, beta_min=0.1, beta_max=20.0):
-    """sigma of VP time t for the linear VP-SDE: sigma(t) = sqrt(exp(beta_d t^2 / 2 + beta_min t) - 1) (EDM Table 1)."""
-    t = np.asarray(t, np.float64)
-    return np.sqrt(np.expm1(0.5 * (beta_max - beta_min) * t ** 2 + beta_min * t))
+    """sigma of VP time t for the linear VP-SDE, in float64 (`precond.vp_sigma_of_t`, EDM Table 1)."""
+    return precond.vp_sigma_of_t(np.asarray(t, np.float64), beta_d=beta_max - beta_min, beta_min=beta_min)
 
 
 def vp_time(sigma, beta_min=0.1, beta_max=20.0):
-    """Inverse of `vp_sigma`: the root of beta_d t^2 / 2 + beta_min t = log(1 + sigma^2) (EDM Table 1, sigma^-1)."""
-    beta_d = beta_max - beta_min
-    log1p_s2 = np.log1p(np.asarray(sigma, np.float64) ** 2)
-    return (np.sqrt(beta_min ** 2 + 2 * beta_d * log1p_s2) - beta_min) / beta_d
+    """Inverse of `vp_sigma`, in float64 (`precond.vp_t_of_sigma`, EDM Table 1 sigma^-1)."""
+    return precond.vp_t_of_sigma(np.asarray(sigma, np.float64), beta_d=beta_max - beta_min, beta_min=beta_min)
 
 
 def time_uniform(*, num_steps=18, sigma_min=0.002, sigma_max=80.0, beta_min=0.1, beta_max=20.0):

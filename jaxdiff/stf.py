@@ -18,19 +18,15 @@ irrelevant (the SPEC's "first B rows are the minibatch" is the convention that g
 
 Everything here is pure and jittable; no Flax, no config, no I/O.
 """
-import functools
-
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec
 
-# The logits divide by sigma^2, so a TF32 dot (what XLA may use for float32 on recent GPUs) would blur distances
-# at small sigma; HIGHEST keeps the dots in full float32.
-_PRECISION = jax.lax.Precision.HIGHEST
+from jaxdiff import analytic, precond
 
 
-def _flatten(x_noisy, sigma, reference):
-    """[B, ...], sigma scalar/[B]/[B,1,..], [R, ...] -> float [B, D], [B], [R, D]; checks shapes at trace time."""
+def _checked(x_noisy, sigma, reference):
+    """x_noisy [B, ...], sigma scalar/[B]/[B,1,..], reference [R, ...] in one float dtype; checks shapes at trace
+    time."""
     x_noisy, reference = jnp.asarray(x_noisy), jnp.asarray(reference)
     if x_noisy.ndim < 2 or reference.ndim != x_noisy.ndim or x_noisy.shape[1:] != reference.shape[1:]:
         raise ValueError(f'stf: x_noisy {x_noisy.shape} and reference {reference.shape} must be [B, ...] and [R, ...] '
@@ -42,69 +38,12 @@ def _flatten(x_noisy, sigma, reference):
     sigma = jnp.asarray(sigma, dtype)
     if sigma.size not in (1, batch_size):
         raise ValueError(f'stf: sigma has shape {sigma.shape}; expected a scalar or [{batch_size}]')
-    sigma = jnp.broadcast_to(sigma.reshape(-1), (batch_size,))
-    return (x_noisy.reshape(batch_size, -1).astype(dtype), sigma,
-            reference.reshape(reference.shape[0], -1).astype(dtype))
-
-
-def _logits(x, sigma, y):
-    """-||x_i - y_j||^2 / (2 sigma_i^2) up to a per-row constant, in matmul form: (x_i.y_j - ||y_j||^2/2) / sigma_i^2.
-
-    ||x_i||^2 / (2 sigma_i^2) is dropped: it is constant in j, so the softmax over j does not see it, and leaving it
-    out avoids a large cancellation.
-    """
-    x_dot_y = jnp.matmul(x, y.T, precision=_PRECISION)                         # [B, C]
-    return (x_dot_y - 0.5 * jnp.sum(y * y, axis=-1)) / jnp.square(sigma)[:, None]
-
-
-def _chunk_sums(x, sigma, y, valid=None):
-    """(m, s, acc) of one block of reference rows: m_i = max_j l_ij, s_i = sum_j e_ij, acc_i = sum_j e_ij y_j with
-    e_ij = exp(l_ij - m_i); rows where `valid` is False get weight 0. target_i = acc_i / s_i."""
-    logits = _logits(x, sigma, y)
-    if valid is not None:
-        logits = jnp.where(valid[None, :], logits, -jnp.inf)
-    m = jnp.max(logits, axis=1)
-    e = jnp.exp(logits - m[:, None])
-    return m, jnp.sum(e, axis=1), jnp.matmul(e, y, precision=_PRECISION)
-
-
-def _merge(sums_a, sums_b):
-    """(m, s, acc) of the union of two disjoint reference sets: the online log-sum-exp update."""
-    (m_a, s_a, acc_a), (m_b, s_b, acc_b) = sums_a, sums_b
-    m = jnp.maximum(m_a, m_b)
-    rescale_a, rescale_b = jnp.exp(m_a - m), jnp.exp(m_b - m)
-    return m, s_a * rescale_a + s_b * rescale_b, acc_a * rescale_a[:, None] + acc_b * rescale_b[:, None]
-
-
-def _partial_sums(x, sigma, y, chunk_size):
-    """(m, s, acc) over all reference rows y, streamed in chunks of `chunk_size` rows.
-
-    Memory O(B * chunk + chunk * D) (the logits of one chunk and, where XLA materialises the slice, its rows)
-    instead of O(B * R) for one chunk, or O(B * R * D) for the broadcast form ||x_i - y_j||^2.
-
-    Chunks are read in place with dynamic slices (no padded or re-laid-out copy of the reference). The last chunk
-    is shifted back to end at row R; the rows it shares with the previous chunk are masked out.
-    """
-    num_ref = y.shape[0]
-    if chunk_size is None or chunk_size >= num_ref:
-        return _chunk_sums(x, sigma, y)
-    if chunk_size < 1:
-        raise ValueError(f'stf: chunk_size must be >= 1, got {chunk_size}')
-    num_chunks = -(-num_ref // chunk_size)
-
-    def body(i, sums):
-        first = i * chunk_size
-        start = jnp.minimum(first, num_ref - chunk_size)
-        rows = start + jnp.arange(chunk_size)
-        y_c = jax.lax.dynamic_slice_in_dim(y, start, chunk_size)
-        return _merge(sums, _chunk_sums(x, sigma, y_c, valid=rows >= first))
-
-    # The first (always full) chunk starts the carry, so no -inf initial value is needed.
-    return jax.lax.fori_loop(1, num_chunks, body, _chunk_sums(x, sigma, y[:chunk_size]))
+    return x_noisy.astype(dtype), sigma, reference.astype(dtype)
 
 
 def target(x_noisy, sigma, reference, *, chunk_size=None):
-    """STF target sum_j w_ij y_j, w_ij = softmax_j(-||x_i - y_j||^2 / (2 sigma_i^2)) (Xu et al. 2023, Eq. 3).
+    """STF target sum_j w_ij y_j, w_ij = softmax_j(-||x_i - y_j||^2 / (2 sigma_i^2)) (Xu et al. 2023, Eq. 3): the
+    empirical posterior mean of the reference batch, `analytic.empirical_posterior_mean`.
 
     Args:
       x_noisy: [B, ...] noisy inputs x_i = y_i + sigma_i * eps_i.
@@ -115,55 +54,8 @@ def target(x_noisy, sigma, reference, *, chunk_size=None):
     Returns:
       [B, ...] float32 (float64 if the inputs are), without gradient (`jax.lax.stop_gradient`).
     """
-    x, sigma_flat, y = _flatten(*jax.lax.stop_gradient((x_noisy, sigma, reference)))
-    _, s, acc = _partial_sums(x, sigma_flat, y, chunk_size)
-    return jax.lax.stop_gradient((acc / s[:, None]).reshape(jnp.shape(x_noisy)))
-
-
-def target_local(x_noisy, sigma, reference, *, axis_name='data', chunk_size=None):
-    """`target` against the *global* reference, called per device inside `shard_map` over `axis_name`.
-
-    Each device holds a shard of the minibatch (x_noisy, sigma: [B/n, ...]) and a shard of the reference
-    ([R/n, ...]); the result equals `target` of the concatenated minibatch against the concatenated reference.
-    Instead of gathering the reference (R x D per device), the minibatch is gathered (B x D), each device computes
-    the streaming partial sums of every sample against its reference shard, and the partial sums are combined
-    across devices (pmax of the running max, psum of the rescaled sums, psum_scatter of the rescaled weighted
-    image sums so each device keeps only its rows). Communication O(B * D) instead of O(R * D).
-    """
-    x, sigma_flat, y = _flatten(*jax.lax.stop_gradient((x_noisy, sigma, reference)))
-    local_batch = x.shape[0]
-    x_all = jax.lax.all_gather(x, axis_name, axis=0, tiled=True)                 # [B, D]
-    sigma_all = jax.lax.all_gather(sigma_flat, axis_name, axis=0, tiled=True)     # [B]
-    m, s, acc = _partial_sums(x_all, sigma_all, y, chunk_size)
-    m_global = jax.lax.pmax(m, axis_name)                                        # `_merge` across devices
-    rescale = jnp.exp(m - m_global)
-    s_global = jax.lax.psum(s * rescale, axis_name)                              # [B]
-    acc_mine = jax.lax.psum_scatter(acc * rescale[:, None], axis_name, scatter_dimension=0, tiled=True)
-    start = jax.lax.axis_index(axis_name) * local_batch
-    s_mine = jax.lax.dynamic_slice_in_dim(s_global, start, local_batch)
-    return jax.lax.stop_gradient((acc_mine / s_mine[:, None]).reshape(jnp.shape(x_noisy)))
-
-
-def target_sharded(x_noisy, sigma, reference, *, mesh, axis_name='data', chunk_size=None):
-    """`target` with the minibatch and the reference both sharded over `mesh` axis `axis_name` (usable in jit).
-
-    Every sample sees all R reference images (a global reference, unlike the authors' per-GPU one); the result is
-    sharded like x_noisy. B and R must be multiples of the axis size. (Plain `target` under jit on sharded global
-    arrays is global too, and XLA's partitioner chooses the same gather-x / reduce-partial-sums pattern; this
-    function makes that pattern explicit and independent of the partitioner.)
-    """
-    num_devices = mesh.shape[axis_name]
-    batch_size, num_ref = jnp.shape(x_noisy)[0], jnp.shape(reference)[0]
-    if batch_size % num_devices or num_ref % num_devices:
-        raise ValueError(f'stf: batch size {batch_size} and reference size {num_ref} must be multiples of the '
-                         f'{num_devices} devices on mesh axis {axis_name!r}')
-    sigma = jnp.broadcast_to(jnp.reshape(jnp.asarray(sigma), (-1,)), (batch_size,))  # scalar or [B] -> [B]
-    spec = PartitionSpec(axis_name)
-    if mesh.axis_types[mesh.axis_names.index(axis_name)] == jax.sharding.AxisType.Explicit:
-        # sharding-in-types meshes (the `jax.make_mesh` default) need the inputs laid out as in_specs say
-        x_noisy, sigma, reference = jax.reshard((x_noisy, sigma, reference), NamedSharding(mesh, spec))
-    local = functools.partial(target_local, axis_name=axis_name, chunk_size=chunk_size)
-    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(x_noisy, sigma, reference)
+    x, sigma, y = _checked(*jax.lax.stop_gradient((x_noisy, sigma, reference)))
+    return jax.lax.stop_gradient(analytic.empirical_posterior_mean(x, sigma, y, chunk_size=chunk_size))
 
 
 def draw_reference_given_x(key, x_noisy, sigma, data, reference_size):
@@ -174,9 +66,12 @@ def draw_reference_given_x(key, x_noisy, sigma, data, reference_size):
     so the targets over many draws have the law of the STF target given x_i. Returns [B, R, ...]. (Training draws
     the reference from the input pipeline instead; this is for measuring the target's bias and covariance.)
     """
-    x, sigma_flat, y = _flatten(x_noisy, sigma, data)
+    x, sigma, y = _checked(x_noisy, sigma, data)
+    batch_size = x.shape[0]
+    sigma = precond.per_example(sigma, x).reshape(batch_size)
+    logits = analytic.empirical_logits(x.reshape(batch_size, -1), sigma, y.reshape(y.shape[0], -1))
     key_own, key_rest = jax.random.split(key)
-    own = jax.random.categorical(key_own, _logits(x, sigma_flat, y), axis=1)                    # [B]
-    rest = jax.random.randint(key_rest, (x.shape[0], reference_size - 1), 0, y.shape[0])     # [B, R-1]
+    own = jax.random.categorical(key_own, logits, axis=1)                                       # [B]
+    rest = jax.random.randint(key_rest, (batch_size, reference_size - 1), 0, y.shape[0])     # [B, R-1]
     index = jnp.concatenate([own[:, None], rest], axis=1)
     return jnp.asarray(data)[index]

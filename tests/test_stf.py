@@ -1,10 +1,12 @@
 """stf.target against the float64 formula, the exact empirical posterior mean, its limits, chunking, the sharded
 global-reference form on 8 simulated devices, variance reduction and the absence of gradients."""
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec
+from jax.sharding import NamedSharding, PartitionSpec
 
 from jaxdiff import analytic, precond, stf
 from jaxdiff.config_files import named as load_config   # configs/NAME.py with dotted overrides
@@ -26,6 +28,45 @@ def noisy_batch(rng, reference, batch_size, sigma):
     eps = rng.normal(size=(batch_size,) + reference.shape[1:]).astype(np.float32)
     sigma = np.broadcast_to(np.asarray(sigma, np.float32), (batch_size,))
     return reference[:batch_size] + sigma.reshape((-1,) + (1,) * (reference.ndim - 1)) * eps
+
+
+def target_local(x_noisy, sigma, reference, *, axis_name='data', chunk_size=None):
+    """`stf.target` against the *global* reference, called per device inside `shard_map` over `axis_name`.
+
+    Each device holds a shard of the minibatch ([B/n, ...]) and of the reference ([R/n, ...]). The minibatch is
+    gathered (B x D, instead of the reference, R x D), each device streams the partial sums of every sample against
+    its reference shard (`analytic.empirical_sums`), and the partial sums are merged across devices: pmax of the
+    running max, psum of the rescaled sums, psum_scatter of the rescaled weighted image sums.
+    """
+    x_noisy, reference = jnp.asarray(x_noisy), jnp.asarray(reference)
+    local_batch = x_noisy.shape[0]
+    sigma = precond.per_example(jnp.asarray(sigma, x_noisy.dtype), x_noisy).reshape(local_batch)
+    x_all = jax.lax.all_gather(x_noisy.reshape(local_batch, -1), axis_name, axis=0, tiled=True)     # [B, D]
+    sigma_all = jax.lax.all_gather(sigma, axis_name, axis=0, tiled=True)                            # [B]
+    m, s, acc = analytic.empirical_sums(x_all, sigma_all, reference.reshape(reference.shape[0], -1), chunk_size)
+    m_global = jax.lax.pmax(m, axis_name)                                        # `analytic.merge_sums` across devices
+    rescale = jnp.exp(m - m_global)
+    s_global = jax.lax.psum(s * rescale, axis_name)                              # [B]
+    acc_mine = jax.lax.psum_scatter(acc * rescale[:, None], axis_name, scatter_dimension=0, tiled=True)
+    start = jax.lax.axis_index(axis_name) * local_batch
+    s_mine = jax.lax.dynamic_slice_in_dim(s_global, start, local_batch)
+    return (acc_mine / s_mine[:, None]).reshape(x_noisy.shape)
+
+
+def target_sharded(x_noisy, sigma, reference, *, mesh, axis_name='data', chunk_size=None):
+    """`target_local` under `shard_map` with the minibatch and the reference both sharded over `axis_name`."""
+    num_devices = mesh.shape[axis_name]
+    batch_size, num_ref = jnp.shape(x_noisy)[0], jnp.shape(reference)[0]
+    if batch_size % num_devices or num_ref % num_devices:
+        raise ValueError(f'stf: batch size {batch_size} and reference size {num_ref} must be multiples of the '
+                         f'{num_devices} devices on mesh axis {axis_name!r}')
+    sigma = precond.per_example(sigma, x_noisy).reshape(batch_size)                  # scalar or [B] -> [B]
+    spec = PartitionSpec(axis_name)
+    if mesh.axis_types[mesh.axis_names.index(axis_name)] == jax.sharding.AxisType.Explicit:
+        # sharding-in-types meshes (the `jax.make_mesh` default) need the inputs laid out as in_specs say
+        x_noisy, sigma, reference = jax.reshard((x_noisy, sigma, reference), NamedSharding(mesh, spec))
+    local = functools.partial(target_local, axis_name=axis_name, chunk_size=chunk_size)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, spec), out_specs=spec)(x_noisy, sigma, reference)
 
 
 @pytest.fixture
@@ -80,7 +121,7 @@ def test_sharded_global_reference_equals_single_device(images, explicit_axes, ch
     x, sigma, reference = images
     mesh = jax.make_mesh((8,), ('data',)) if explicit_axes else make_mesh()
     single = stf.target(x, sigma, reference)
-    sharded = jax.jit(lambda *a: stf.target_sharded(*a, mesh=mesh, chunk_size=chunk_size))(x, sigma, reference)
+    sharded = jax.jit(lambda *a: target_sharded(*a, mesh=mesh, chunk_size=chunk_size))(x, sigma, reference)
     assert sharded.sharding.spec[0] == 'data'
     # every device sees all R=48 reference rows: a per-device reference (6 rows each) would differ by O(1)
     np.testing.assert_allclose(np.asarray(sharded), np.asarray(single), atol=2e-6)
@@ -90,7 +131,7 @@ def test_target_local_inside_shard_map_with_scalar_sigma(images):
     x, _, reference = images
     mesh = make_mesh()
     spec = PartitionSpec('data')
-    local = lambda a, c: stf.target_local(a, 0.7, c, axis_name='data')
+    local = lambda a, c: target_local(a, 0.7, c, axis_name='data')
     sharded = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(spec, spec), out_specs=spec))(x, reference)
     np.testing.assert_allclose(np.asarray(sharded).reshape(len(x), -1), formula(x, 0.7, reference), atol=2e-6)
 
@@ -98,7 +139,7 @@ def test_target_local_inside_shard_map_with_scalar_sigma(images):
 def test_sharded_rejects_sizes_that_do_not_split(images):
     x, sigma, reference = images
     with pytest.raises(ValueError, match='reference size 44'):
-        stf.target_sharded(x, sigma, reference[:44], mesh=make_mesh())
+        target_sharded(x, sigma, reference[:44], mesh=make_mesh())
 
 
 def test_bad_shapes_are_one_line_errors(images):
@@ -189,61 +230,66 @@ def test_stf_target_needs_a_reference_size():
 
 
 def test_reference_batch_is_the_minibatch_then_independently_augmented_extras():
-    from jaxdiff import train
+    from jaxdiff import losses, train_step
     rng = np.random.default_rng(7)
     batch = {'image': jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32),
              'reference_extra': jnp.asarray(rng.uniform(-1, 1, (24, 8, 8, 1)), jnp.float32)}
-    plain = train.with_reference(batch, jax.random.key(0), None)
+    plain = losses.stf_reference(batch, jax.random.key(0), None)
     assert set(plain) == {'image', 'reference'}
     np.testing.assert_array_equal(plain['reference'], np.concatenate([batch['image'], batch['reference_extra']]))
-    augmented = train.with_reference(batch, jax.random.key(0), {'p': 1.0})['reference']
+    augmented = losses.stf_reference(batch, jax.random.key(0), train_step.augment_fn({'p': 1.0}))['reference']
     np.testing.assert_array_equal(augmented[:8], batch['image'])            # the step augmented these already
     changed = np.abs(np.asarray(augmented[8:]) - np.asarray(batch['reference_extra'])).max(axis=(1, 2, 3)) > 1e-3
     assert changed.mean() > 0.5                                            # each extra image gets its own transform
 
 
+def check_reference_size(config, mesh):
+    """The STF loss's config check (a losses.Hooks.check), as the training mode calls it."""
+    from jaxdiff import losses
+    losses.build(**config.loss).check(batch_size=config.training.batch_size, num_devices=mesh.devices.size)
+
+
 @pytest.mark.parametrize('reference_size, message', [(16, 'must be an integer >= training.batch_size=32'),
                                                      (100, 'not divisible by the number of devices')])
 def test_bad_reference_sizes_are_one_line_errors(reference_size, message):
-    from jaxdiff import train
     from jaxdiff.errors import UserError
     config = load_config('digits_stf', **{'loss.reference_size': reference_size, 'training.batch_size': 32})
     with pytest.raises(UserError, match=message) as error:
-        train.check_reference_size(config, make_mesh())
+        check_reference_size(config, make_mesh())
     assert 'config.loss.reference_size' in str(error.value) and '\n' not in str(error.value)
-    assert train.check_reference_size(load_config('quickstart'), make_mesh()) is None
+    assert check_reference_size(load_config('quickstart'), make_mesh()) is None
 
 
 TINY_MODEL = dict(model_channels=8, channel_mult=(1,), num_blocks=1, attn_resolutions=(), dropout=0.0)
 FEW_STEPS = {'training.batch_size': 16, 'loss.reference_size': 64, 'training.total_images': 32,
-             'training.log_every_steps': 1, 'sampling.num_steps': 2, 'sampling.num_samples': 8,
+             'training.log_every_steps': 1, 'sampling.schedule_options.num_steps': 2, 'sampling.num_samples': 8,
              'sampling.batch_size': 8}
 
 
 def test_digits_stf_trains_and_samples(tmp_path):
-    from jaxdiff import train
+    from jaxdiff.modes import train
     config = load_config('digits_stf', **FEW_STEPS)
     config.model.update(TINY_MODEL)
-    state = train.train(config, str(tmp_path))
+    state = train.run(config, str(tmp_path))
     assert int(state.step) == 2
     assert np.isfinite(jax.tree.leaves(state.params)[0]).all()
     assert list((tmp_path / 'samples').glob('step_*.png'))
 
 
 def test_cifar_stf_without_data_fails_at_once_with_instructions(tmp_path):
-    from jaxdiff import train
+    from jaxdiff.modes import train
     from jaxdiff.errors import UserError
     config = load_config('cifar_stf', **{'data.data_dir': str(tmp_path / 'no_cifar')})
     with pytest.raises(UserError, match='CIFAR-10.*not found.*data_dir'):
-        train.train(config, str(tmp_path / 'run'))
+        train.run(config, str(tmp_path / 'run'))
 
 
 def test_cifar_stf_runs_a_few_steps_on_mock_data(tmp_path):
     import tensorflow_datasets as tfds
-    from jaxdiff import train
+    from jaxdiff.modes import train
     config = load_config('cifar_stf', **{**FEW_STEPS, 'data.data_dir': str(tmp_path / 'data')})
     config.model.update(TINY_MODEL)
     with tfds.testing.mock_data(num_examples=96):
-        state = train.train(config, str(tmp_path / 'run'))
+        state = train.run(config, str(tmp_path / 'run'))
     assert int(state.step) == 2
     assert np.isfinite(jax.tree.leaves(state.params)[0]).all()
