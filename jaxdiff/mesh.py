@@ -12,16 +12,35 @@ AXIS = 'data'
 
 
 def initialize_distributed(initialize=False, coordinator_address=None, num_processes=None, process_id=None):
-    """`jax.distributed.initialize(...)` when `initialize` (config.distributed). Left None, the coordinator and
-    process ids are auto-detected (SLURM, Open MPI, Cloud TPU, ...; JAX_COORDINATOR_ADDRESS); see launch/."""
-    if initialize and not jax.distributed.is_initialized():
+    """`jax.distributed.initialize(...)` when `initialize` (config.distributed), before anything touches a device.
+
+    Fields left None are detected by jax: on Cloud TPU pods, under SLURM (srun), Open MPI (mpirun) and Kubernetes
+    (JobSet); launch/ has a script for each case. Elsewhere (several plain machines, or several processes on one)
+    give all three: coordinator_address 'HOST:PORT' of process 0, num_processes and this process_id. The process
+    then sees every device of every process (jax.devices()) and its own ones (jax.local_devices())."""
+    if not initialize or jax.distributed.is_initialized():
+        return
+    try:
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id)
+    except RuntimeError as e:
+        if 'must be called before' not in str(e):  # e.g. the coordinator is unreachable: jax's own message
+            raise
+        # this process touched a device before (jax.devices(), a computation)
+        raise UserError(f'config.distributed.initialize=True in a process that already used JAX: '
+                        f'{str(e).splitlines()[0]} Start a fresh process.') from None
+    except ValueError as e:  # no cluster detected and fields missing
+        raise UserError(f'config.distributed.initialize=True: {e} No TPU pod, SLURM, Open MPI or Kubernetes '
+                        f'environment was detected; set config.distributed.coordinator_address=HOST:PORT, '
+                        f'num_processes and process_id (see launch/)') from None
 
 
 def make_mesh(devices=None):
-    """A 1-D Mesh with axis 'data' over `devices` (default: every device of every host)."""
+    """A 1-D Mesh with axis 'data' over `devices` (default: every device of every host), grouped by process
+    (each process's own order kept), so that process p's devices hold rows [p * B / P, (p + 1) * B / P) of a
+    global batch of B rows: exactly the rows `jaxdiff.data` gives process p of P."""
     devices = jax.devices() if devices is None else devices
+    devices = sorted(devices, key=lambda device: device.process_index)  # a stable sort
     return Mesh(np.asarray(devices), (AXIS,))
 
 
