@@ -86,6 +86,21 @@ def test_empirical_chunked_equals_unchunked_and_the_softmax_formula():
     np.testing.assert_allclose(near, data[:4], atol=1e-6)
 
 
+@pytest.mark.parametrize('chunk_size', [None, 7, 64])
+def test_empirical_denoiser_and_stf_target_are_one_computation(chunk_size):
+    """The posterior mean of a finite dataset has one implementation: analytic.Empirical.denoiser and stf.target
+    (the dataset as the reference) give the same bits."""
+    from jaxdiff import stf
+    rng = np.random.default_rng(2)
+    data = rng.uniform(-1, 1, size=(150, 4, 2)).astype(np.float32)
+    x = jnp.asarray(rng.normal(size=(5, 4, 2)), jnp.float32)
+    sig = jnp.array([0.01, 0.1, 0.7, 4.0, 60.0])
+    got = analytic.Empirical(data, chunk_size=chunk_size).denoiser(x, sig)
+    np.testing.assert_array_equal(got, stf.target(x, sig, data, chunk_size=chunk_size))
+    np.testing.assert_array_equal(got, analytic.empirical_posterior_mean(x, sig, jnp.asarray(data),
+                                                                         chunk_size=chunk_size))
+
+
 def test_reference_solve_matches_the_closed_form_flow_of_a_gaussian():
     # x0 ~ N(mu, s^2 I): the PF-ODE flow is x(sigma) = mu + sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2) (x_T - mu).
     with jax.enable_x64(True):

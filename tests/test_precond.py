@@ -48,6 +48,30 @@ def test_vp_schedule_endpoints_and_inverse():
     np.testing.assert_allclose(precond.vp_sigma_of_t(precond.vp_t_of_sigma(sigma)), sigma, rtol=1e-4)
 
 
+def test_vp_schedule_runs_in_float64_numpy_for_numpy_input():
+    """schedules builds its grids on the host in float64 through these same two functions."""
+    t = np.linspace(0.0, 1.0, 11)
+    sigma = precond.vp_sigma_of_t(t)
+    assert isinstance(sigma, np.ndarray) and sigma.dtype == np.float64
+    np.testing.assert_allclose(sigma, np.sqrt(np.exp(0.5 * 19.9 * t ** 2 + 0.1 * t) - 1), rtol=1e-13)
+    np.testing.assert_allclose(precond.vp_t_of_sigma(sigma[1:]), t[1:], rtol=1e-12)
+    assert isinstance(precond.vp_sigma_of_t(jnp.asarray(t)), jax.Array)
+
+
+def test_edm_noise_label_is_a_quarter_log_sigma():
+    np.testing.assert_allclose(precond.edm_noise_label(jnp.array([1.0, math.e ** 4])), [0.0, 1.0], atol=1e-6)
+    sigma = jnp.array([0.002, 0.3, 80.0])
+    np.testing.assert_allclose(precond.sigma_of_c_noise('edm', precond.edm_noise_label(sigma)), sigma, rtol=1e-6)
+
+
+@pytest.mark.parametrize('c', [2.0, np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]).reshape(3, 1, 1)])
+def test_per_example_broadcasts_a_scalar_or_one_value_per_example(c):
+    x = np.ones((3, 2, 4))
+    got = precond.per_example(c, x)
+    assert got.shape == (3, 1, 1)
+    np.testing.assert_array_equal(np.asarray(got * x)[:, 1, 3], np.broadcast_to(np.ravel(c), (3,)))
+
+
 def test_ve_coefficients_match_table_1_by_hand():
     c = precond.ve(jnp.array([2.0, 0.02]))
     np.testing.assert_allclose(c.c_skip, [1.0, 1.0])
