@@ -158,7 +158,7 @@ def toy2d_run(tmp_path_factory):
                '--config.training.batch_size=16', '--config.training.total_images=64',
                '--config.training.log_every_steps=2', '--config.training.checkpoint_every_steps=4',
                '--config.training.sample_every_steps=4', '--config.sampling.num_samples=32',
-               '--config.sampling.batch_size=32', '--config.sampling.num_steps=4']
+               '--config.sampling.batch_size=32']
     env = {**os.environ, 'JAX_PLATFORMS': 'cpu'}
     result = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
