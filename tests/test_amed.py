@@ -110,10 +110,69 @@ def test_nfe_is_counted_calls_with_and_without_afs(base):
                     Counting(gmm.denoiser, 1.0), _x_T(80.0, batch=2), sigmas)
             assert info['nfe'] == calls['n'] == expected - int(afs)
             assert np.all(np.isfinite(np.asarray(out)))
-    # NFE 3/5/7/9 = N 3/4/5/6 with AFS
-    assert [T.num_points_for(nfe, afs=True) for nfe in (3, 5, 7, 9)] == [3, 4, 5, 6]
+            sampler = samplers.get('amed', base=base, afs=afs)      # the declared cost of this grid
+            assert sampler.nfe(len(sigmas), ends_at_zero=sigmas[-1] == 0) == calls['n']
+    # NFE 3/5/7/9 = N 3/4/5/6 with AFS (grids ending above 0, AMED's own)
+    with_afs = samplers.get('amed', afs=True)
+    assert [with_afs.num_points_for(nfe, ends_at_zero=False) for nfe in (3, 5, 7, 9)] == [3, 4, 5, 6]
+    assert [samplers.get('amed').num_points_for(nfe, ends_at_zero=False) for nfe in (2, 4, 6)] == [2, 3, 4]
     with pytest.raises(ValueError, match='no grid gives NFE 4'):
-        T.num_points_for(4, afs=True)
+        with_afs.num_points_for(4, ends_at_zero=False)
+
+
+def _numpy_dpmpp_plugin(D, x_T, sigmas, r, c, a, lower_order_final):
+    """AMED-Plugin on multistep DPM-Solver++ (max order 2) as the authors' loop builds it (diff-sampler, solvers_amed
+    `dpm_pp_sampler` with a predictor giving constant r, c, a), float64 NumPy: sub-steps k = 1, 2, ... over the
+    interleaved grid t_0, s_0, t_1, ..., of K = 2 (N - 1) sub-steps; order k if k < 2, else
+    min(2, K + 1 - k) with lower_order_final (the last sub-step first order), else 2; the second sub-step of each
+    interval calls D at a * s and scales the update's model terms by c."""
+    lam = lambda sigma: -np.log(sigma)
+    x, models, times = np.asarray(x_T, np.float64), [], []
+    num_substeps = 2 * (len(sigmas) - 1)
+
+    def update(x, u, k, scale):
+        t = times[-1]
+        h = lam(u) - lam(t)
+        phi_1 = np.expm1(-h)
+        order = k if k < 2 else (min(2, num_substeps + 1 - k) if lower_order_final else 2)
+        if order == 1:
+            return (u / t) * x - scale * phi_1 * models[-1]
+        r0 = (lam(times[-1]) - lam(times[-2])) / h
+        return (u / t) * x - scale * phi_1 * (models[-1] + 0.5 * (models[-1] - models[-2]) / r0)
+
+    for n in range(len(sigmas) - 1):
+        t, t_next = sigmas[n], sigmas[n + 1]
+        s = t ** (1 - r) * t_next ** r
+        models.append(D(x, t))
+        times.append(t)
+        y = update(x, s, 2 * n + 1, 1.0)
+        models.append(D(y, a * s))
+        times.append(s)
+        x = update(y, t_next, 2 * n + 2, c)
+    return x
+
+
+@pytest.mark.parametrize('lower_order_final', [True, False])
+def test_dpmpp_plugin_equals_the_authors_loop(x64, lower_order_final):
+    """The DPM-Solver++ plugin (AMED's own grid, ending at sigma_min > 0) against a NumPy transcription of the
+    authors' loop, with and without lower_order_final; True is the default."""
+    gmm = _mixture(jnp.float64)
+    D = lambda x, sigma: np.asarray(gmm.denoiser(jnp.asarray(x), jnp.float64(sigma)))
+    sigmas, _ = T.grids(schedule='edm', num_points=5, sigma_min=0.002, sigma_max=80.0)
+    sigmas = np.asarray(sigmas, np.float64)
+    x_T = _x_T(80.0, batch=4, dtype=jnp.float64)
+    r, c, a = 0.4, 1.02, 0.97
+    expect = _numpy_dpmpp_plugin(D, x_T, sigmas, r, c, a, lower_order_final)
+    predict = A.constant_predictor(r=r, c=c, a=a)
+    out, info = samplers.get('amed', predictor=predict, base='dpmpp_2m', lower_order_final=lower_order_final)(
+        gmm.denoiser, x_T, jnp.asarray(sigmas))
+    assert _rel(out, expect) < 1e-12 and info['nfe'] == 8
+    default, _ = samplers.get('amed', predictor=predict, base='dpmpp_2m')(gmm.denoiser, x_T, jnp.asarray(sigmas))
+    other = _numpy_dpmpp_plugin(D, x_T, sigmas, r, c, a, not lower_order_final)
+    assert _rel(expect, other) > 1e-4                           # the last sub-step's order really matters
+    assert (_rel(default, expect) < 1e-12) == lower_order_final
+    with pytest.raises(ValueError, match='lower_order_final applies to base dpmpp_2m only'):
+        samplers.get('amed', base='ipndm', lower_order_final=True)
 
 
 def test_predictor_reads_the_bottleneck_and_zeros_without_one():
@@ -236,9 +295,10 @@ def test_options_are_checked():
 
 
 def test_train_amed_mode_reports_missing_inputs(tmp_path):
+    from jaxdiff.modes import train_amed
     config = config_files.named('digits_amed')
     with pytest.raises(UserError, match='--workdir is required'):
-        T.train(config, None)
+        train_amed.run(config, None)
     config.amed.model_workdir = str(tmp_path / 'no_model')
     with pytest.raises(UserError, match='no checkpoint found'):
-        T.train(config, str(tmp_path / 'predictor'))
+        train_amed.run(config, str(tmp_path / 'predictor'))

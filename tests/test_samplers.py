@@ -10,7 +10,8 @@ from jaxdiff import analytic, samplers, schedules
 from jaxdiff.samplers import common, ddim as ddim_module, multistep
 
 FIXED_GRID = [('euler', {}), ('heun', {}), ('heun', {'s_churn': 5.0}), ('dpm2', {}), ('dpmpp_2m', {}),
-              ('dpmpp_3m', {}), ('ipndm', {}), ('ipndm', {'max_order': 2}), ('ddim', {}), ('ddim', {'eta': 1.0})]
+              ('dpmpp_3m', {}), ('dpmpp_3m', {'form': 'third_order'}), ('ipndm', {}), ('ipndm', {'max_order': 2}),
+              ('ddim', {}), ('ddim', {'eta': 1.0})]
 KEY = jax.random.PRNGKey(7)
 
 
@@ -72,6 +73,59 @@ def test_special_cases_reduce_exactly():
     assert _rel(run('dpm2', r=1.0), run('heun')) < 1e-6                  # DPM-Solver-2 with r=1 is Heun
     assert _rel(run('ipndm', max_order=1), euler) < 1e-6                 # AB1 is Euler
     assert _rel(run('dpmpp_2m'), run('dpmpp_3m')) > 1e-4                 # the third-order term is really used
+    assert _rel(run('dpmpp_3m', form='third_order'), run('dpmpp_3m')) > 1e-4   # and differs between the forms
+
+
+def _numpy_dpmpp_3m_published(D, x_T, sigmas):
+    """DPM-Solver++(3M) as published (DPM-Solver's reference multistep update in data prediction, order
+    min(3, i + 1) at step i; k-diffusion sample_dpmpp_3m_sde at eta = 0, diffusers solver_order=3), in sigma-space
+    (alpha = 1, lambda = -log sigma), float64, with SPEC's first-order step into sigma = 0:
+      x_t = (sigma_t / sigma_0) x - phi_1 m0 + phi_2 D1 - phi_3 D2."""
+    lam = lambda sigma: -np.log(sigma)
+    x, models, times = np.asarray(x_T, np.float64), [], []
+    for i in range(len(sigmas) - 1):
+        t, t_next = sigmas[i], sigmas[i + 1]
+        models.append(D(x, t))
+        times.append(t)
+        if t_next == 0:
+            x = models[-1]
+            continue
+        order = min(3, i + 1)
+        h = lam(t_next) - lam(t)
+        phi_1 = np.expm1(-h)
+        if order == 1:
+            x = (t_next / t) * x - phi_1 * models[-1]
+        elif order == 2:
+            r0 = (lam(times[-1]) - lam(times[-2])) / h
+            d1_0 = (models[-1] - models[-2]) / r0
+            x = (t_next / t) * x - phi_1 * models[-1] - 0.5 * phi_1 * d1_0
+        else:
+            r0 = (lam(times[-1]) - lam(times[-2])) / h
+            r1 = (lam(times[-2]) - lam(times[-3])) / h
+            d1_0 = (models[-1] - models[-2]) / r0
+            d1_1 = (models[-2] - models[-3]) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            phi_2 = phi_1 / h + 1.0
+            phi_3 = phi_2 / h - 0.5
+            x = (t_next / t) * x - phi_1 * models[-1] + phi_2 * d1 - phi_3 * d2
+    return x
+
+
+@pytest.mark.parametrize('num_steps', [2, 3, 9])
+def test_dpmpp_3m_default_is_the_published_update(num_steps):
+    with jax.enable_x64(True):
+        gmm = _gmm(jnp.float64)
+        D = lambda x, sigma: np.asarray(gmm.denoiser(jnp.asarray(x), jnp.float64(sigma)))
+        sigmas = np.asarray(schedules.get('edm', num_steps=num_steps), np.float64)
+        x_T = _x_T(dtype=jnp.float64)
+        expect = _numpy_dpmpp_3m_published(D, x_T, sigmas)
+        out, info = samplers.get('dpmpp_3m')(gmm.denoiser, x_T, jnp.asarray(sigmas))
+        assert _rel(out, expect) < 1e-12
+        assert info['nfe'] == num_steps
+        if num_steps > 3:                           # the third-order form differs once order 3 is reached
+            third, _ = samplers.get('dpmpp_3m', form='third_order')(gmm.denoiser, x_T, jnp.asarray(sigmas))
+            assert _rel(third, expect) > 1e-6
 
 
 def test_ddim_stochastic_step_is_mean_plus_sigma_up_times_step_noise():
@@ -112,25 +166,34 @@ def test_observed_global_order_on_a_short_interval():
         x = jax.random.normal(jax.random.PRNGKey(3), (16, 4), jnp.float64) * 2.5
         truth = analytic.reference_solve(gmm.denoiser, x, 2.0, 0.5, rtol=1e-12, atol=1e-12)
         counts = np.array([8, 16, 32])
-        for name, order, single_step in (('euler', 1, True), ('heun', 2, True), ('dpm2', 2, True),
-                                         ('dpmpp_2m', 2, False), ('dpmpp_3m', 2, False), ('ipndm', 2, False)):
-            errors = [float(jnp.linalg.norm(samplers.get(name)(gmm.denoiser, x, jnp.geomspace(2.0, 0.5, n + 1))[0]
-                                            - truth)) for n in counts]
+        for name, options, single_step in (('euler', {}, True), ('heun', {}, True), ('dpm2', {}, True),
+                                           ('dpm2', {'r': 0.3}, True), ('dpmpp_2m', {}, False),
+                                           ('dpmpp_3m', {}, False), ('dpmpp_3m', {'form': 'third_order'}, False),
+                                           ('ipndm', {}, False)):
+            sampler = samplers.get(name, **options)
+            errors = [float(jnp.linalg.norm(sampler(gmm.denoiser, x, jnp.geomspace(2.0, 0.5, n + 1))[0] - truth))
+                      for n in counts]
             slope = -np.polyfit(np.log(counts), np.log(errors), 1)[0]
-            # multistep: the first-order warm-start step caps the global order at 2
+            # multistep: the first-order warm-start step caps the global order at 2 (full order: next test)
+            order = sampler.order if single_step else min(sampler.order, 2)
             ok = abs(slope - order) <= 0.3 if single_step else slope >= order - 0.3
-            assert ok, (name, slope, errors)
+            assert ok, (name, options, slope, errors)
 
 
-@pytest.mark.parametrize('name, order, spacing', [('dpmpp_2m', 2, 'log'), ('dpmpp_3m', 3, 'log'),
-                                                  ('ipndm', 4, 'uniform')])
-def test_full_order_of_multistep_updates_from_exact_history(name, order, spacing):
+@pytest.mark.parametrize('name, options, spacing, steps', [
+    ('dpmpp_2m', {}, 'log', [0.02, 0.01, 0.005]),
+    ('dpmpp_3m', {'form': 'third_order'}, 'log', [0.02, 0.01, 0.005]),
+    ('dpmpp_3m', {}, 'log', [0.005, 0.0025, 0.00125]),      # published: its h^3 error term shows only at small h
+    ('ipndm', {}, 'uniform', [0.02, 0.01, 0.005])])
+def test_full_order_of_multistep_updates_from_exact_history(name, options, spacing, steps):
     # One step started from exact history (points and denoiser outputs on the reference solution): local error
-    # O(h^(order + 1)); the global order is the local slope minus 1.
+    # O(h^(order + 1)) with the sampler's declared order; the global order is the local slope minus 1.
+    order = samplers.get(name, **options).order
+    assert order == {'dpmpp_2m': 2, 'dpmpp_3m': 3 if options else 2, 'ipndm': 4}[name]
     with jax.enable_x64(True):
         gmm = _gmm(jnp.float64)
         x_start = jax.random.normal(jax.random.PRNGKey(3), (8, 4), jnp.float64) * 2.5
-        t0, steps = 1.0, [0.02, 0.01, 0.005]
+        t0 = 1.0
         grids = [[t0 * np.exp(k * h) for k in (3, 2, 1, 0, -1)] if spacing == 'log' else
                  [t0 + k * h for k in (3, 2, 1, 0, -1)] for h in steps]
         points = sorted({t for g in grids for t in g}, reverse=True)
@@ -148,7 +211,8 @@ def test_full_order_of_multistep_updates_from_exact_history(name, order, spacing
                 d_hist = jnp.stack([(x - x0) / t for x, x0, t in zip(xs, x0_hats, history)])
                 x_next = multistep.ipndm_update(xs[0], d_hist, history[0], grid[4], k)
             else:
-                x_next = multistep.dpmpp_update(xs[0], jnp.stack(x0_hats), jnp.asarray(history), grid[4], k)
+                x_next = multistep.dpmpp_update(xs[0], jnp.stack(x0_hats), jnp.asarray(history), grid[4], k,
+                                                options.get('form', 'published'))
             errors.append(float(jnp.linalg.norm(x_next - exact[grid[4]])))
         local_slope = np.polyfit(np.log(steps), np.log(errors), 1)[0]
         assert abs(local_slope - 1 - order) <= 0.3, (name, local_slope, errors)
@@ -174,9 +238,31 @@ def test_reported_nfe_equals_counted_calls(name, options, grid):
         sigmas, extra = schedules.get('edm', num_steps=6), {}
     else:
         sigmas, extra = jnp.geomspace(80.0, 0.5, 6), {'denoise_to_zero': True}
+    sampler = samplers.get(name, **options, **extra)
     with jax.disable_jit():
-        _, info = samplers.get(name, **options, **extra)(counted, _x_T(n=2), sigmas, key=KEY)
+        _, info = sampler(counted, _x_T(n=2), sigmas, key=KEY)
     assert isinstance(info['nfe'], int) and info['nfe'] == calls['n'] > 0
+    # the sampler's declared cost: NFE of this grid length, and the grid length for this NFE
+    ends_at_zero = grid == 'edm'
+    assert sampler.nfe(len(sigmas), ends_at_zero=ends_at_zero) == calls['n']
+    assert sampler.num_points_for(calls['n'], ends_at_zero=ends_at_zero) == len(sigmas)
+
+
+@pytest.mark.parametrize('name, options', NFE_CASES)
+def test_declared_nfe_is_the_traced_count_and_covers_every_grid_length(name, options):
+    sampler = samplers.get(name, **options)
+    gmm = _gmm()
+    for num_steps in (1, 2, 5):
+        sigmas = schedules.get('edm', num_steps=num_steps)
+        nfe = jax.jit(lambda s: sampler(gmm.denoiser, _x_T(n=2), s, key=KEY)[1]['nfe'])(sigmas)
+        assert int(nfe) == sampler.nfe(num_steps + 1)
+    for nfe in range(1, 12):     # every NFE either has its grid or names why not
+        try:
+            num_points = sampler.num_points_for(nfe)
+        except ValueError as e:
+            assert f'no grid gives NFE {nfe}' in str(e)
+        else:
+            assert sampler.nfe(num_points) == nfe
 
 
 def test_adaptive_nfe_equals_counted_calls_and_it_converges():
@@ -263,3 +349,11 @@ def test_every_misuse_is_a_value_error():
         samplers.get('dpm2', r=0.0)
     with pytest.raises(ValueError, match='x_T'):
         samplers.get('euler')(gmm.denoiser, jnp.ones((2, 4), jnp.int32), sigmas)
+    with pytest.raises(ValueError, match='form must be one of published, third_order'):
+        samplers.get('dpmpp_3m', form='taylor')
+    with pytest.raises(ValueError, match="no grid gives NFE 4 \\(nearest: 3, 5\\)"):
+        samplers.get('heun').num_points_for(4)                  # 2 (N - 2) + 1 is odd
+    with pytest.raises(ValueError, match='denoise_to_zero needs a grid ending above 0'):
+        samplers.get('euler', denoise_to_zero=True).nfe(5)
+    with pytest.raises(ValueError, match='known only after the solve'):
+        samplers.get('adaptive').nfe(5)

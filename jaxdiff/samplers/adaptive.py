@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxdiff.samplers import common
 
 _SOLVERS = {'tsit5': diffrax.Tsit5, 'dopri5': diffrax.Dopri5}
+_ORDERS = {'tsit5': 5, 'dopri5': 5}             # order of the propagated solution (Tsitouras 2011; Dormand-Prince)
 _CALLS_PER_STEP, _CALLS_AT_START = 6, 1
 
 
@@ -68,7 +69,10 @@ def adaptive(*, solver='tsit5', rtol=1e-5, atol=1e-5, max_steps=4096, denoise_to
             nfe = nfe + 1
             if return_trajectory:
                 trajectory = jnp.concatenate([trajectory, x[None]], axis=0)
-        x, extra = common.denoise_to_zero_step('adaptive', denoiser, x, sigmas, denoise_to_zero)
-        return common.finish('adaptive', x, nfe + extra, trajectory)
+        x = common.denoise_to_zero_step('adaptive', denoiser, x, sigmas, denoise_to_zero)
+        return common.finish('adaptive', x, nfe + int(denoise_to_zero), trajectory)
 
-    return sampler
+    # cost None: the solver chooses its steps, so its NFE is known only from info['nfe'] (common.Sampler)
+    return common.Sampler('adaptive', sampler, cost=None, order=_ORDERS[solver],
+                          options=dict(solver=solver, rtol=rtol, atol=atol, max_steps=max_steps,
+                                       denoise_to_zero=denoise_to_zero))

@@ -18,7 +18,9 @@ Base solvers (`base`), each formula with the symbols above (Eq. 11 is AMED-Solve
            interleaved grid t_0, s_0, t_1, s_1, ..., warm start order min(stored, max_order)
   'dpmpp_2m': y = (s_n/t_n) x_n - expm1(-h) (m0 + D1_0/2) (multistep.dpmpp_update; Lu et al. 2022b, Alg. 2) with
            the data predictions x0_hat of the interleaved grid; x_{n+1} = (t_{n+1}/s_n) y + c_n (increment of the
-           same update from s_n to t_{n+1})
+           same update from s_n to t_{n+1}). `lower_order_final` (default True for this base, the authors' setting
+           of their DPM-Solver++ base, diff-sampler's `lower_order_final=True`): the very last sub-step, into
+           t_N = sigmas[-1] > 0, is first order, x_N = (t_N/s) y + c (1 - t_N/s) x0_mid.
 With r = 1/2, c = a = 1 and base None or 'dpm2', AMED is exactly DPM-Solver-2 (`predictor=None`).
 
 Step into sigma = 0 (grids with the appended 0, SPEC.md): s_n = 0 would divide by zero, so that interval is the
@@ -26,8 +28,9 @@ first-order step every base takes there (`dpm2`, `ipndm`, `dpmpp_2m` alike): x_N
 and no predictor.
 AMED's own grids (the paper's) end at sigma_min > 0 instead, and every interval costs two calls.
 
-NFE (honest, counted in tests): 2 per interval into sigma > 0, 1 into sigma = 0, minus 1 with AFS;
-for N grid points ending above 0: NFE = 2 (N - 1) - [AFS], so NFE 3/5/7/9 = N 3/4/5/6 with AFS.
+NFE (honest, counted in tests; declared by the sampler, `sampler.nfe(N, ends_at_zero=False)` and
+`sampler.num_points_for(nfe, ends_at_zero=False)`): 2 per interval into sigma > 0, 1 into sigma = 0, minus 1 with
+AFS; for N grid points ending above 0: NFE = 2 (N - 1) - [AFS], so NFE 3/5/7/9 = N 3/4/5/6 with AFS.
 
 The predictor is a pure function of explicit parameters: `predictor=(module, params)` with `module.apply(params,
 bottleneck [B, P], t_cur [B], t_next [B]) -> (r, c, a)` (models/amed_predictor.py), or any callable
@@ -38,7 +41,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxdiff.samplers import multistep
-from jaxdiff.samplers.common import (afs_direction, call_denoiser, count_calls, finish, is_concrete, prepare,
+from jaxdiff.samplers.common import (Cost, Sampler, afs_direction, call_denoiser, finish, is_concrete, prepare,
                                      scan_grid)
 from jaxdiff.samplers.ode import direction
 
@@ -113,8 +116,9 @@ def init_history(base, x, max_order=4):
             'count': jnp.zeros((), jnp.int32)}
 
 
-def _multistep_substep(base, x, history, value, t, u, c=1.0):
-    """Pushes (value, t) into the history and steps the multistep base from t to u with order min(stored, max):
+def _multistep_substep(base, x, history, value, t, u, c=1.0, first_order=False):
+    """Pushes (value, t) into the history and steps the multistep base from t to u with order min(stored, max)
+    (1 where `first_order`, a bool or traced bool: lower_order_final's last sub-step):
     iPNDM: x_u = x + (u - t) sum_j w_j d_j (multistep.ipndm_update); DPM-Solver++(2M): x_u = (u/t) x - expm1(-h)
     (m0 + D1_0 / 2) (multistep.dpmpp_update). c scales the increment over the base's free part (x, resp. (u/t) x),
     as AMED-Plugin does. Returns (x_u, history)."""
@@ -130,7 +134,8 @@ def _multistep_substep(base, x, history, value, t, u, c=1.0):
     else:
         update = lambda k: multistep.dpmpp_update(x, values, sigmas_x, u_x, k)
         free = (u_x / sigmas_x[0]) * x
-    x_u = jax.lax.switch(count - 1, [lambda k=k: update(k) for k in range(1, values.shape[0] + 1)])
+    order = jnp.where(first_order, 1, count)
+    x_u = jax.lax.switch(order - 1, [lambda k=k: update(k) for k in range(1, values.shape[0] + 1)])
     x_u = free + _per_sample(c, x) * (x_u - free)
     return x_u, {'values': values, 'sigmas': sigmas, 'count': count}
 
@@ -158,11 +163,16 @@ def _evaluate(denoiser, x, t, i, afs, num_bottleneck):
     return jax.lax.cond(i == 0, analytic_first_step, call)
 
 
-def interval(denoiser, predict, state, i, t_cur, t_next, *, base=None, afs=False, num_bottleneck=None):
+def interval(denoiser, predict, state, i, t_cur, t_next, *, base=None, afs=False, num_bottleneck=None,
+             lower_order_final=False, num_intervals=None):
     """One AMED interval t_cur -> t_next from state (x, history); returns (x_next, history).
 
     The formulas per base are in the module docstring. A pure function of `predict`'s closed-over parameters,
-    so jax.grad flows through r, c, a (and through r into the second denoiser call via s_n)."""
+    so jax.grad flows through r, c, a (and through r into the second denoiser call via s_n).
+    lower_order_final (dpmpp_2m base): interval i == num_intervals - 1 (the last of the grid) ends with a
+    first-order sub-step."""
+    if lower_order_final and num_intervals is None:
+        raise ValueError('amed.interval: lower_order_final needs num_intervals (len(sigmas) - 1)')
     x, history = state
     x0_hat, features = _evaluate(denoiser, x, t_cur, i, afs, num_bottleneck)
     d_cur = direction(x, x0_hat, t_cur)
@@ -190,7 +200,9 @@ def interval(denoiser, predict, state, i, t_cur, t_next, *, base=None, afs=False
         elif base == 'euler':
             x_next = y + c_x * (t_next - s_x) * d_mid
         else:
-            x_next, hist = _multistep_substep(base, y, hist, d_mid if base == 'ipndm' else x0_mid, s, t_next, c)
+            last = jnp.logical_and(lower_order_final, i == (num_intervals or 0) - 1)
+            x_next, hist = _multistep_substep(base, y, hist, d_mid if base == 'ipndm' else x0_mid, s, t_next, c,
+                                              first_order=last)
         return x_next, hist
 
     # A concrete t_next (jit disabled, or a caller's Python loop) picks the branch in Python; a traced one uses
@@ -200,38 +212,68 @@ def interval(denoiser, predict, state, i, t_cur, t_next, *, base=None, afs=False
     return jax.lax.cond(t_next > 0, two_calls, into_zero)
 
 
+def cost(afs=False):
+    """2 calls per interval into sigma > 0, 1 into sigma = 0, minus the call AFS saves."""
+    return Cost(per_step=2, into_zero=1, saved=int(afs))
+
+
 def run(denoiser, x_T, sigmas, *, predict, num_bottleneck=None, base=None, afs=False, max_order=4,
-        return_trajectory=False):
+        lower_order_final=False, return_trajectory=False):
     """The whole AMED solve as one lax.scan over the grid: (x0, nfe, trajectory or None). Pure in predict's
     parameters (the training and the sampler share it)."""
     def step(state, i, t_cur, t_next):
         return interval(denoiser, predict, state, i, t_cur, t_next, base=base, afs=afs,
-                        num_bottleneck=num_bottleneck)
+                        num_bottleneck=num_bottleneck, lower_order_final=lower_order_final,
+                        num_intervals=sigmas.shape[0] - 1)
 
     (x0, _), trajectory = scan_grid(step, (x_T, init_history(base, x_T, max_order)), sigmas, lambda state: state[0],
                                     return_trajectory)
-    nfe = count_calls(sigmas, per_positive_step=2, per_step_to_zero=1, extra=-1 if afs else 0)
-    return x0, nfe, trajectory
+    return x0, cost(afs).of_grid(sigmas), trajectory
 
 
-def amed(*, predictor=None, params=None, base=None, afs=False, max_order=4):
+def resolve_lower_order_final(base, lower_order_final):
+    """None -> True for the dpmpp_2m base (the authors' setting), False otherwise; True elsewhere is an error."""
+    if lower_order_final is None:
+        return base == 'dpmpp_2m'
+    if lower_order_final and base != 'dpmpp_2m':
+        raise ValueError(f'amed: lower_order_final applies to base dpmpp_2m only, got base={base!r}')
+    return bool(lower_order_final)
+
+
+def declared_order(predictor, base, max_order):
+    """Global order with predictor=None (r = 1/2, c = a = 1): DPM-Solver-2 (base None, 'dpm2') and DPM-Solver++(2M)
+    on the interleaved grid are second order, Euler first; iPNDM's uniform-step weights on the alternating
+    t_n, s_n grid leave first order. A learned predictor (c != 1) has none."""
+    if predictor is not None:
+        return None
+    return {None: 2, 'dpm2': 2, 'dpmpp_2m': 2, 'euler': 1, 'ipndm': 1}[base]
+
+
+def amed(*, predictor=None, params=None, base=None, afs=False, max_order=4, lower_order_final=None):
     """AMED-Solver (base=None) or AMED-Plugin on `base` ('euler', 'dpm2', 'ipndm', 'dpmpp_2m').
 
     predictor: None (r = 1/2, c = a = 1: DPM-Solver-2), (module, params), a module with `params=`, or a callable
     predict(features, t_cur, t_next) -> (r, c, a). afs: analytical first step (saves one call).
-    max_order: the iPNDM base's maximal order (1..4). A trained predictor checkpoint carries its own settings:
-    `jaxdiff.amed_train.load_sampler(path)` builds this sampler and its grid from the path alone."""
+    max_order: the iPNDM base's maximal order (1..4). lower_order_final: dpmpp_2m base only, default True (the
+    authors'): the last sub-step is first order; False keeps it second order. A trained predictor checkpoint
+    carries its own settings: `jaxdiff.amed_train.load_sampler(path)` builds this sampler and its grid from the
+    path alone."""
     if base not in BASES:
         raise ValueError(f'amed: unknown base {base!r}; valid bases: None, ' + ', '.join(BASES[1:]))
     if int(max_order) != max_order or not 1 <= max_order <= 4:
         raise ValueError(f'amed: max_order must be 1..4, got {max_order!r}')
+    options = dict(predictor=predictor, params=params, base=base, afs=afs, max_order=max_order,
+                   lower_order_final=lower_order_final)
+    lower_order_final = resolve_lower_order_final(base, lower_order_final)
+    order = declared_order(predictor, base, max_order)
     predict, num_bottleneck = resolve_predictor(predictor, params)
 
     def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
         del key  # deterministic
         x_T, sigmas = prepare(NAME, x_T, sigmas)
         x0, nfe, trajectory = run(denoiser, x_T, sigmas, predict=predict, num_bottleneck=num_bottleneck,
-                                  base=base, afs=afs, max_order=max_order, return_trajectory=return_trajectory)
+                                  base=base, afs=afs, max_order=max_order, lower_order_final=lower_order_final,
+                                  return_trajectory=return_trajectory)
         return finish(NAME, x0, nfe, trajectory)
 
-    return sampler
+    return Sampler(NAME, sampler, cost=cost(afs), order=order, options=options)

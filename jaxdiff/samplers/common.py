@@ -5,6 +5,8 @@ internal activations (the UNet bottleneck that AMED's predictor reads) additiona
 `with_aux(x, sigma) -> (x0_hat, aux)` where `aux` is a dict (e.g. {'bottleneck': [B, 8, 8, C]}).
 `call_denoiser` is the one place that knows this.
 """
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -70,17 +72,112 @@ def require_key(name, key, why):
     return key
 
 
-def count_calls(sigmas, per_positive_step, per_step_to_zero, extra=0):
-    """Denoiser calls per sample of a solver whose step into sigma_next > 0 costs `per_positive_step` calls and
-    a step into sigma_next = 0 costs `per_step_to_zero`; `extra` is added (negative for a saved call, AFS).
+@dataclasses.dataclass(frozen=True)
+class Cost:
+    """Denoiser calls per sample of a fixed-grid sampler, as the sampler declares them.
 
-    A Python int when the grid is concrete; a traced int32 inside a user's jit."""
-    t_next = sigmas[1:]
-    if is_concrete(t_next):
-        positive = int(np.sum(np.asarray(t_next) > 0))
-        return positive * per_positive_step + (t_next.shape[0] - positive) * per_step_to_zero + extra
-    positive = jnp.sum(t_next > 0).astype(jnp.int32)
-    return positive * per_positive_step + (t_next.shape[0] - positive) * per_step_to_zero + extra
+    per_step   calls of a step into sigma_next > 0
+    into_zero  calls of the step into sigma_next = 0 (first order in every sampler here: one call)
+    saved      calls saved at the start (AFS replaces the first call: 1)
+    final      calls after the last grid point on a grid ending above 0 (denoise_to_zero: 1)
+    """
+    per_step: int
+    into_zero: int = 1
+    saved: int = 0
+    final: int = 0
+
+    def nfe(self, num_points, ends_at_zero=True):
+        """Calls on a grid of `num_points` entries (len(sigmas); with the appended 0 when `ends_at_zero`)."""
+        if int(num_points) != num_points or num_points < 2:
+            raise ValueError(f'a grid has at least 2 points (len(sigmas)), got {num_points!r}')
+        steps = int(num_points) - 1
+        if ends_at_zero:
+            if self.final:
+                raise ValueError('denoise_to_zero needs a grid ending above 0 (ends_at_zero=False)')
+            return (steps - 1) * self.per_step + self.into_zero - self.saved
+        return steps * self.per_step - self.saved + self.final
+
+    def of_grid(self, sigmas):
+        """Calls on the grid `sigmas`: a Python int when it is concrete, a traced int32 inside a user's jit."""
+        t_next = sigmas[1:]
+        steps = t_next.shape[0]
+        if is_concrete(t_next):
+            positive = int(np.sum(np.asarray(t_next) > 0))
+            final = self.final if float(t_next[-1]) > 0 else 0
+        else:
+            positive = jnp.sum(t_next > 0).astype(jnp.int32)
+            final = self.final * (t_next[-1] > 0).astype(jnp.int32)
+        return positive * self.per_step + (steps - positive) * self.into_zero - self.saved + final
+
+    def num_points_for(self, nfe, ends_at_zero=True):
+        """The grid length (len(sigmas)) at which the sampler spends exactly `nfe` calls, or None."""
+        num_points = 2
+        while self.nfe(num_points, ends_at_zero) < nfe:
+            num_points += 1
+        return num_points if self.nfe(num_points, ends_at_zero) == nfe else None
+
+
+class Sampler:
+    """A sampler with its declared cost and order (as diffrax solvers declare theirs):
+
+        x0, info = sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False)
+        sampler.nfe(num_points, ends_at_zero=True)        # denoiser calls per sample on a grid of that length
+        sampler.num_points_for(nfe, ends_at_zero=True)    # the grid length (len(sigmas)) that spends `nfe` calls
+        sampler.order                                     # global order of the deterministic solve, or None
+
+    `info['nfe']` of a run is `cost.of_grid(sigmas)`, the same declaration; tests count the calls. `order` is that of
+    the update from full history on a smooth ODE (warm-start steps of multistep methods and the first-order step
+    into sigma = 0 not counted); None where it does not apply (stochastic samplers, a learned AMED predictor).
+    A sampler that chooses its own steps (adaptive) has cost None: its NFE is known only from info['nfe'].
+    """
+
+    def __init__(self, name, run, *, cost, order, options):
+        self.name, self._run, self.cost, self.order, self.options = name, run, cost, order, dict(options)
+
+    def __call__(self, denoiser, x_T, sigmas, key=None, return_trajectory=False):
+        return self._run(denoiser, x_T, sigmas, key=key, return_trajectory=return_trajectory)
+
+    def __repr__(self):
+        def show(value):   # a predictor or weight array by its type only: error messages stay one line
+            return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
+        options = ', '.join(f'{k}={show(v)}' for k, v in self.options.items())
+        return f"samplers.get({self.name!r}{', ' if options else ''}{options})"
+
+    def _declared(self):
+        if self.cost is None:
+            raise ValueError(f'sampler {self.name!r} chooses its own steps: its NFE is known only after the solve '
+                             f"(info['nfe'])")
+        return self.cost
+
+    def nfe(self, num_points, ends_at_zero=True):
+        try:
+            return self._declared().nfe(num_points, ends_at_zero)
+        except ValueError as e:
+            raise ValueError(f'{self!r}: {e}') from None
+
+    def num_points_for(self, nfe, ends_at_zero=True):
+        """len(sigmas) of the grid on which this sampler spends exactly `nfe` calls; ValueError naming the
+        reachable neighbours when no grid does."""
+        cost = self._declared()
+        if int(nfe) != nfe or nfe < 1:
+            raise ValueError(f'{self!r}: NFE must be a positive integer, got {nfe!r}')
+        self.nfe(2, ends_at_zero)                             # a grid this sampler cannot run is the error
+        num_points = cost.num_points_for(int(nfe), ends_at_zero)
+        if num_points is None:
+            reachable = sorted({self.nfe(n, ends_at_zero) for n in range(2, int(nfe) + 3)})
+            below = [n for n in reachable if n < nfe][-1:]
+            above = [n for n in reachable if n > nfe][:1]
+            raise ValueError(f'{self!r} spends {self._formula(ends_at_zero)} calls on N grid points: no grid gives '
+                             f'NFE {nfe} (nearest: {", ".join(map(str, below + above))})')
+        return num_points
+
+    def _formula(self, ends_at_zero):
+        cost = self.cost
+        if ends_at_zero:
+            text = f'{cost.per_step} (N - 2) + {cost.into_zero}'
+        else:
+            text = f'{cost.per_step} (N - 1)' + (f' + {cost.final}' if cost.final else '')
+        return text + (f' - {cost.saved}' if cost.saved else '')
 
 
 def afs_direction(x, sigma):
@@ -117,21 +214,20 @@ def scan_grid(step, carry, sigmas, x_of, return_trajectory):
 
 def denoise_to_zero_step(name, denoiser, x, sigmas, enabled):
     """Optional final jump x0 = D(x, sigmas[-1]) for grids ending above 0 (`denoise_to_zero`, as in the score_sde /
-    k-diffusion samplers). Returns (x, extra_calls). On a grid that already ends at 0 it is a ValueError."""
+    k-diffusion samplers; Cost.final counts it). On a grid that already ends at 0 it is a ValueError."""
     if not enabled:
-        return x, 0
+        return x
     sigma_last = sigmas[-1]
     if is_concrete(sigma_last):
         if not float(sigma_last) > 0:
             raise ValueError(f'sampler {name!r}: denoise_to_zero needs a grid ending above 0; this grid already '
                              f'ends at sigma=0 (its last step is the jump to 0)')
-        return denoiser(x, sigma_last), 1
-    positive = sigma_last > 0
-    return jax.lax.cond(positive, lambda: denoiser(x, sigma_last), lambda: x), positive.astype(jnp.int32)
+        return denoiser(x, sigma_last)
+    return jax.lax.cond(sigma_last > 0, lambda: denoiser(x, sigma_last), lambda: x)
 
 
 def finish(name, x0, nfe, trajectory):
-    """The (x0, info) pair every sampler returns; raises ValueError on a concrete non-finite result."""
+    """The (x0, info) pair every sampler returns (nfe: its Cost.of_grid); ValueError on a concrete non-finite x0."""
     check_finite(x0, name)
     info = {'nfe': nfe}
     if trajectory is not None:

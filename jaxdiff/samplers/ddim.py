@@ -40,9 +40,10 @@ def ddim_step(x, x0_hat, sigma_t, sigma_s, eta, z=None):
 
 
 def ddim(*, eta=0.0, afs=False, denoise_to_zero=False):
-    """DDIM sampler (one call per step; NFE = number of steps). eta > 0 needs a key."""
+    """DDIM sampler (one call per step; NFE = number of steps). eta > 0 needs a key. Order 1 at eta = 0."""
     if not eta >= 0:
         raise ValueError(f'ddim: eta must be >= 0, got {eta!r}')
+    cost = common.Cost(per_step=1, into_zero=1, saved=int(afs), final=int(denoise_to_zero))
 
     def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
         x_T, sigmas = common.prepare('ddim', x_T, sigmas)
@@ -55,7 +56,9 @@ def ddim(*, eta=0.0, afs=False, denoise_to_zero=False):
             return ddim_step(x, x0_hat, t, t_next, eta, z)
 
         x, trajectory = common.scan_grid(step, x_T, sigmas, lambda x: x, return_trajectory)
-        x, extra = common.denoise_to_zero_step('ddim', denoiser, x, sigmas, denoise_to_zero)
-        return common.finish('ddim', x, common.count_calls(sigmas, 1, 1, extra - int(afs)), trajectory)
+        x = common.denoise_to_zero_step('ddim', denoiser, x, sigmas, denoise_to_zero)
+        return common.finish('ddim', x, cost.of_grid(sigmas), trajectory)
 
-    return sampler
+    # eta = 0 is Euler's method (first order); with noise it is no ODE solver
+    return common.Sampler('ddim', sampler, cost=cost, order=1 if eta == 0 else None,
+                          options=dict(eta=eta, afs=afs, denoise_to_zero=denoise_to_zero))

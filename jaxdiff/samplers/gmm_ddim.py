@@ -216,8 +216,12 @@ def gmm_ddim(*, eta=0.0, variant='ortho', num_components=8, scale=1.0, weights=N
     One denoiser call per step (NFE = ddim's). Needs a key unless eta = 0 and scale = 0 (then it is ddim).
     With eta = 0 it is stochastic through the offsets only and does not match DDPM's second moments exactly;
     exact moment matching needs eta > 0, a non-VUB variant, covariance='exact' and no clipping."""
+    options = dict(eta=eta, variant=variant, num_components=num_components, scale=scale, weights=weights,
+                   delta_form=delta_form, covariance=covariance, vub_coordinates=vub_coordinates,
+                   last_step_offsets=last_step_offsets, offsets_seed=offsets_seed)
     weights = _check_options(eta, variant, num_components, scale, weights, delta_form, covariance, vub_coordinates)
     stochastic = eta > 0 or scale > 0
+    cost = common.Cost(per_step=1, into_zero=1)
 
     def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
         x_T, sigmas = common.prepare('gmm_ddim', x_T, sigmas)
@@ -262,6 +266,7 @@ def gmm_ddim(*, eta=0.0, variant='ortho', num_components=8, scale=1.0, weights=N
             return mean + (c_s * offsets.delta[j][k] + noise).reshape(x.shape)
 
         x, trajectory = common.scan_grid(step, x_T, sigmas, lambda x: x, return_trajectory)
-        return common.finish('gmm_ddim', x, common.count_calls(sigmas, 1, 1), trajectory)
+        return common.finish('gmm_ddim', x, cost.of_grid(sigmas), trajectory)
 
-    return sampler
+    # not stochastic (eta = 0, scale = 0): exactly ddim, i.e. Euler
+    return common.Sampler('gmm_ddim', sampler, cost=cost, order=None if stochastic else 1, options=options)

@@ -3,7 +3,8 @@ with sigma(t) = t, s(t) = 1): `euler`, `heun` (EDM Algorithm 2) and `dpm2` (DPM-
 
 Each is one lax.scan over the grid. A step into sigma_next = 0 is a first-order (Euler) step (EDM, k-diffusion):
 the second evaluation is skipped with lax.cond on sigma_next > 0, so no call is wasted and `info['nfe']` counts
-exactly the calls made. Options shared where they apply: `afs` (analytical first step, saves the first call;
+exactly the calls made; each sampler declares that count (`common.Cost`) and its order (`common.Sampler`).
+Options shared where they apply: `afs` (analytical first step, saves the first call;
 common.afs_direction) and `denoise_to_zero` (a final x0 = D(x, sigmas[-1]) on grids that end above 0).
 """
 import math
@@ -17,11 +18,6 @@ from jaxdiff.samplers import common
 def direction(x, x0_hat, sigma):
     """d = (x - D(x, sigma)) / sigma: the PF-ODE slope dx/dsigma (EDM Algorithm 1)."""
     return (x - x0_hat) / sigma
-
-
-def euler_step(denoiser, x, i, t, t_next, afs=False):
-    """x_next = x + (t_next - t) d(x, t) (EDM Algorithm 1 without the correction). One call."""
-    return x + (t_next - t) * direction(x, common.denoise(denoiser, x, t, i, afs), t)
 
 
 def heun_correct(denoiser, x, d_cur, t, x_next, t_next):
@@ -42,6 +38,11 @@ def dpm2_update(denoiser, x, d_cur, t, t_next, r=0.5):
     return x + (t_next - t) * ((1 / (2 * r)) * d_s + (1 - 1 / (2 * r)) * d_cur)
 
 
+def cost(second_call, afs, denoise_to_zero):
+    """1 call per step (2 with a second call), 1 into sigma = 0, minus the call AFS saves, plus denoise_to_zero's."""
+    return common.Cost(per_step=2 if second_call else 1, into_zero=1, saved=int(afs), final=int(denoise_to_zero))
+
+
 def _run(name, denoiser, x_T, sigmas, second_call, return_trajectory, denoise_to_zero, afs, before=None):
     """Shared driver: Euler predictor, then `second_call(x, d_cur, t, x_euler, t_next)` when t_next > 0.
 
@@ -56,10 +57,8 @@ def _run(name, denoiser, x_T, sigmas, second_call, return_trajectory, denoise_to
         return jax.lax.cond(t_next > 0, lambda: second_call(x_hat, d_cur, t_hat, x_euler, t_next), lambda: x_euler)
 
     x, trajectory = common.scan_grid(step, x_T, sigmas, lambda x: x, return_trajectory)
-    x, extra = common.denoise_to_zero_step(name, denoiser, x, sigmas, denoise_to_zero)
-    per_positive = 1 if second_call is None else 2
-    nfe = common.count_calls(sigmas, per_positive, 1, extra - int(afs))
-    return common.finish(name, x, nfe, trajectory)
+    x = common.denoise_to_zero_step(name, denoiser, x, sigmas, denoise_to_zero)
+    return common.finish(name, x, cost(second_call is not None, afs, denoise_to_zero).of_grid(sigmas), trajectory)
 
 
 def euler(*, afs=False, denoise_to_zero=False):
@@ -70,7 +69,8 @@ def euler(*, afs=False, denoise_to_zero=False):
         x_T, sigmas = common.prepare('euler', x_T, sigmas)
         return _run('euler', denoiser, x_T, sigmas, None, return_trajectory, denoise_to_zero, afs)
 
-    return sampler
+    return common.Sampler('euler', sampler, cost=cost(False, afs, denoise_to_zero), order=1,
+                          options=dict(afs=afs, denoise_to_zero=denoise_to_zero))
 
 
 def heun(*, s_churn=0.0, s_min=0.0, s_max=float('inf'), s_noise=1.0, afs=False, denoise_to_zero=False):
@@ -102,7 +102,9 @@ def heun(*, s_churn=0.0, s_min=0.0, s_max=float('inf'), s_noise=1.0, afs=False, 
 
         return _run('heun', denoiser, x_T, sigmas, second, return_trajectory, denoise_to_zero, afs, before)
 
-    return sampler
+    return common.Sampler('heun', sampler, cost=cost(True, afs, denoise_to_zero), order=None if s_churn > 0 else 2,
+                          options=dict(s_churn=s_churn, s_min=s_min, s_max=s_max, s_noise=s_noise, afs=afs,
+                                       denoise_to_zero=denoise_to_zero))
 
 
 def dpm2(*, r=0.5, afs=False, denoise_to_zero=False):
@@ -121,4 +123,5 @@ def dpm2(*, r=0.5, afs=False, denoise_to_zero=False):
 
         return _run('dpm2', denoiser, x_T, sigmas, second, return_trajectory, denoise_to_zero, afs)
 
-    return sampler
+    return common.Sampler('dpm2', sampler, cost=cost(True, afs, denoise_to_zero), order=2,
+                          options=dict(r=r, afs=afs, denoise_to_zero=denoise_to_zero))
