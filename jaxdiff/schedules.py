@@ -7,7 +7,10 @@ points, so a grid has `num_steps + 1` entries and `num_steps` solver steps (EDM:
                  sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
 - 'logsnr'       uniform in log sigma (= uniform in half-logSNR lambda = -log sigma, as DPM-Solver's 'logSNR' skip).
 - 'time_uniform' uniform in VP time t of the linear VP-SDE (Song et al. 2021; DPM-Solver, Lu et al. 2022 App. D):
-                 log alpha_t = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2, sigma(t) = sqrt(alpha_t^-2 - 1).
+                 log alpha_t = -(beta_max - beta_min) t^2 / 4 - beta_min t / 2, sigma(t) = sqrt(alpha_t^-2 - 1),
+                 either between t(sigma_max) and t(sigma_min) for a given beta (DPM-Solver's, the default), or, with
+                 `epsilon_s`, on [epsilon_s, 1] with beta fitted to [sigma_min, sigma_max] (`fitted_vp_beta`: EDM's
+                 VP discretisation; the AMED authors' 'time_uniform' with epsilon_s = 1e-3).
 - 'ddpm'         the discrete DDPM alpha-bar grid (Ho et al. 2020: 1000 steps, beta linear 1e-4 .. 0.02), `num_steps`
                  timesteps taken evenly from [0, T-1] (both ends included), sigma = sqrt((1 - abar) / abar)
                  (DDIM, Song et al. 2021a, Eq. 12 rewritten in sigma-space).
@@ -65,9 +68,41 @@ def vp_time(sigma, beta_min=0.1, beta_max=20.0):
     return precond.vp_t_of_sigma(np.asarray(sigma, np.float64), beta_d=beta_max - beta_min, beta_min=beta_min)
 
 
-def time_uniform(*, num_steps=18, sigma_min=0.002, sigma_max=80.0, beta_min=0.1, beta_max=20.0):
-    """Uniform in VP time t between t(sigma_max) and t(sigma_min) (DPM-Solver's 'time_uniform'), final 0 appended."""
+def fitted_vp_beta(sigma_min, sigma_max, epsilon_s):
+    """(beta_d, beta_min) of the linear VP-SDE whose sigma(t) maps VP time [epsilon_s, 1] exactly onto [sigma_min,
+    sigma_max]: the two conditions beta_d / 2 + beta_min = ln(sigma_max^2 + 1) and beta_d epsilon_s^2 / 2 +
+    beta_min epsilon_s = ln(sigma_min^2 + 1) give
+      beta_d = 2 (ln(sigma_min^2 + 1) / epsilon_s - ln(sigma_max^2 + 1)) / (epsilon_s - 1),
+      beta_min = ln(sigma_max^2 + 1) - beta_d / 2
+    (EDM's VP discretisation, Karras et al. 2022 App. D.1; diff-sampler's time_uniform). For EDM's 0.002 / 80 and
+    epsilon_s = 1e-3: beta_d = 17.54, beta_min = -0.0048 (negative, unlike DPM-Solver's 0.1 .. 20)."""
+    if not 0 < epsilon_s < 1:
+        raise ValueError(f'epsilon_s must be in (0, 1), got {epsilon_s!r}')
+    log_max, log_min = np.log1p(sigma_max ** 2), np.log1p(sigma_min ** 2)
+    beta_d = 2 * (log_min / epsilon_s - log_max) / (epsilon_s - 1)
+    return beta_d, log_max - beta_d / 2
+
+
+def time_uniform(*, num_steps=18, sigma_min=0.002, sigma_max=80.0, beta_min=None, beta_max=None, epsilon_s=None):
+    """Uniform in VP time t, final 0 appended. Two constructions:
+
+    epsilon_s=None (default; DPM-Solver's 'time_uniform'): t uniform between t(sigma_max) and t(sigma_min) of the
+      VP-SDE with beta_min, beta_max (default 0.1, 20).
+    epsilon_s given (the AMED authors' recipe: 1e-3): t_i = 1 + i / (N - 1) (epsilon_s - 1), i = 0 .. N-1, i.e.
+      uniform on [epsilon_s, 1], and beta fitted so that sigma(1) = sigma_max, sigma(epsilon_s) = sigma_min
+      (`fitted_vp_beta`); beta_min / beta_max are then not options."""
     _check_range(num_steps, sigma_min, sigma_max)
+    if epsilon_s is not None:
+        if beta_min is not None or beta_max is not None:
+            raise ValueError('time_uniform: with epsilon_s the VP beta is fitted to [sigma_min, sigma_max]; '
+                             'pass beta_min / beta_max only without epsilon_s')
+        beta_d, beta_min = fitted_vp_beta(sigma_min, sigma_max, epsilon_s)
+        if num_steps == 1:
+            return _finish([sigma_max])
+        t = 1 + np.arange(num_steps, dtype=np.float64) / (num_steps - 1) * (epsilon_s - 1)
+        return _finish(vp_sigma(t, beta_min, beta_min + beta_d))
+    beta_min = 0.1 if beta_min is None else beta_min
+    beta_max = 20.0 if beta_max is None else beta_max
     if not 0 <= beta_min < beta_max:
         raise ValueError(f'need 0 <= beta_min < beta_max, got beta_min={beta_min!r}, beta_max={beta_max!r}')
     if num_steps == 1:

@@ -1,4 +1,5 @@
 """Sigma grids against NumPy transcriptions of their defining formulas."""
+import jax
 import numpy as np
 import pytest
 
@@ -32,6 +33,37 @@ def test_time_uniform_is_uniform_in_vp_time():
     t_of_s = np.interp(np.log(s[:-1]), np.log(sigma_of_t[1:]), t[1:])
     np.testing.assert_allclose(np.diff(t_of_s), np.diff(t_of_s)[0], rtol=1e-3)
     np.testing.assert_allclose(schedules.vp_time(schedules.vp_sigma(np.array([0.01, 0.3, 1.0]))), [0.01, 0.3, 1.0])
+
+
+def _numpy_authors_time_uniform(num_steps, sigma_min, sigma_max, epsilon_s=1e-3):
+    """The AMED authors' 'time_uniform' grid (diff-sampler get_schedule, schedule_rho = 1), float64 NumPy: VP time
+    1 -> epsilon_s in equal steps, beta fitted so that the end points map onto sigma_max and sigma_min."""
+    beta_d = 2 * (np.log(sigma_min ** 2 + 1) / epsilon_s - np.log(sigma_max ** 2 + 1)) / (epsilon_s - 1)
+    beta_min = np.log(sigma_max ** 2 + 1) - 0.5 * beta_d
+    t = 1 + np.arange(num_steps) / (num_steps - 1) * (epsilon_s - 1)
+    return (np.e ** (0.5 * beta_d * t ** 2 + beta_min * t) - 1) ** 0.5, beta_d, beta_min
+
+
+@pytest.mark.parametrize('num_steps', [3, 5, 18])
+def test_time_uniform_with_epsilon_s_is_the_amed_authors_grid(num_steps):
+    with jax.enable_x64(True):                      # the grid in float64, the default float dtype there
+        s = np.asarray(schedules.get('time_uniform', num_steps=num_steps, sigma_min=0.002, sigma_max=80.0,
+                                     epsilon_s=1e-3))
+    assert s.dtype == np.float64
+    expect, beta_d, beta_min = _numpy_authors_time_uniform(num_steps, 0.002, 80.0)
+    assert s.shape == (num_steps + 1,) and s[-1] == 0.0
+    np.testing.assert_allclose(s[:-1], expect, rtol=1e-9)      # e ** x - 1 vs expm1 at sigma_min: ~1e-11
+    np.testing.assert_allclose(s[[0, -2]], [80.0, 0.002], rtol=1e-9)
+    assert beta_d == pytest.approx(17.54, abs=0.01) and beta_min == pytest.approx(-0.0048, abs=1e-4)
+    np.testing.assert_allclose(schedules.fitted_vp_beta(0.002, 80.0, 1e-3), (beta_d, beta_min), rtol=1e-12,
+                               atol=1e-12)          # beta_min: the difference of two numbers near 8.77
+    if num_steps == 5:     # the interior points really differ from the beta 0.1 .. 20 grid (by up to ~2 %)
+        default = np.asarray(schedules.get('time_uniform', num_steps=5), np.float64)
+        assert np.max(np.abs(s[1:-2] / default[1:-2] - 1)) > 0.01
+    with pytest.raises(ValueError, match='fitted'):
+        schedules.get('time_uniform', num_steps=4, epsilon_s=1e-3, beta_min=0.1)
+    with pytest.raises(ValueError, match='epsilon_s must be in'):
+        schedules.get('time_uniform', num_steps=4, epsilon_s=1.5)
 
 
 def test_ddpm_grid_is_the_discrete_alpha_bar():
