@@ -5,7 +5,7 @@ initial parameters on the same batches and noise, and writes both loss curves (C
 
 Model: configs/quickstart.py's DDPM++ shrunk for a shared CPU (--model_channels, one block per level, no
 attention; 16x16x1 digits, batch --batch). Each point is the mean training loss over --every steps (the loop's
-on-device accumulator, fetched every --every steps). The steps are `jaxdiff.train`'s (augmentation off, EDM
+on-device accumulator, fetched every --every steps). The steps are `jaxdiff.train_step`'s (augmentation off, EDM
 loss, Adam with EDM's ramp, EMA), built by benchmarks/throughput.py's `build_step` with the precision policy.
 """
 import argparse
@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import throughput  # noqa: E402  (benchmarks/throughput.py: config loading and the policy-applied step)
 
-from jaxdiff import data as data_lib, mesh as mesh_lib, train  # noqa: E402
+from jaxdiff import data as data_lib, mesh as mesh_lib, train_step  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -44,9 +44,9 @@ def curve(config, precision, steps, every, mesh):
     setup, step, _ = throughput.build_step(config, mesh)
     shape, batch_size, seed = tuple(config.data.shape), config.training.batch_size, config.training.seed
     # the same initial parameters for every precision: they are float32 whatever the compute dtype
-    state = jax.device_put(train.init_state(setup.model, setup.optimizer, shape, train.root_keys(seed)[0]),
+    state = jax.device_put(train_step.init_state(setup.modules, setup.optimizer, shape, train_step.root_keys(seed)[0]),
                            mesh_lib.replicated(mesh))
-    metrics = jax.device_put(train.zero_metrics(), mesh_lib.replicated(mesh))
+    metrics = jax.device_put(train_step.zero_metrics(), mesh_lib.replicated(mesh))
     source = data_lib.build(config.data)
     points, start = [], time.perf_counter()
     for s in range(steps):
@@ -54,7 +54,7 @@ def curve(config, precision, steps, every, mesh):
         if (s + 1) % every == 0:
             fetched = jax.device_get(metrics)
             points.append((s + 1, float(fetched['loss_sum'] / fetched['num_steps'])))
-            metrics = jax.device_put(train.zero_metrics(), mesh_lib.replicated(mesh))
+            metrics = jax.device_put(train_step.zero_metrics(), mesh_lib.replicated(mesh))
     print(f'{precision}: {steps} steps in {time.perf_counter() - start:.0f} s, final loss {points[-1][1]:.4f}',
           flush=True)
     return points

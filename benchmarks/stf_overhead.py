@@ -77,7 +77,7 @@ def part_target(batch_size, reference_sizes, chunk_size, repeats, naive_run_limi
 
 def part_step(model_size, batch_size, reference_size, repeats):
     """Step time of the real training step with loss.target 'x0' vs 'stf' (same model, batch, devices)."""
-    from jaxdiff import config_files, mesh as mesh_lib, train
+    from jaxdiff import config_files, mesh as mesh_lib, train_step
     config = config_files.named('cifar_stf')
     config.training.batch_size = batch_size
     config.loss.reference_size = reference_size
@@ -91,16 +91,16 @@ def part_step(model_size, batch_size, reference_size, repeats):
     runs = {}
     for target in ('x0', 'stf'):
         config.loss.target = target
-        train.check_reference_size(config, mesh)
-        setup = train.build(config)
-        state = jax.jit(lambda key: train.init_state(setup.model, setup.optimizer, SHAPE, key),
+        setup = train_step.build(config)
+        setup.loss.check(batch_size=config.training.batch_size, num_devices=mesh.devices.size)
+        state = jax.jit(lambda key: train_step.init_state(setup.modules, setup.optimizer, SHAPE, key),
                         out_shardings=mesh_lib.replicated(mesh))(jax.random.key(0))
         local = {'image': images[:batch_size], 'label': np.zeros(batch_size, np.int32)}
         if target == 'stf':
             local['reference_extra'] = images[batch_size:]
         batch = mesh_lib.global_batch(local, mesh)
-        step = train.jit_train_step(setup.train_step, mesh)
-        state, metrics = step(state, train.zero_metrics(), batch)         # compile
+        step = train_step.Jit(mesh).compile(setup.train_step)
+        state, metrics = step(state, train_step.zero_metrics(), batch)         # compile
         jax.block_until_ready(state)
         runs[target] = [step, state, metrics, batch]
     durations = {'x0': [], 'stf': []}

@@ -5,7 +5,7 @@
     .venv/bin/python benchmarks/throughput.py --config=configs/cifar_edm.py --accounting_only      # XLA only
 
 Measures, on random data (as EDM's measurement in issue 7) and the devices of the default backend:
-  train     `jaxdiff.train`'s jitted step (augmentation, EDM loss, grads, Adam, EMA; state donated), compiled once
+  train     `jaxdiff.train_step`'s jitted step (augmentation, EDM loss, grads, Adam, EMA; state donated), compiled once
             ahead of time; `--warmup` steps, then `--steps` timed steps ended by block_until_ready:
             train images/s, step time, FLOPs/step and per image from the compiled step's cost_analysis(), MFU on
             an accelerator (FLOPs/s over the device's peak for the precision, `--peak_tflops` overrides).
@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import config_files, losses, mesh as mesh_lib, precision as precision_lib, samplers, schedules, train
+from jaxdiff import config_files, losses, mesh as mesh_lib, precision as precision_lib, samplers, schedules, train_step
 from jaxdiff.denoiser import Denoiser
 
 EDM_FORWARD_GFLOP = 42.4              # EDM's DDPM++ CIFAR-10 forward pass per image (issue 7; 2 FLOPs per MAC)
@@ -115,23 +115,25 @@ def abstract_batch(batch_size, shape, mesh):
 
 
 def build_step(config, mesh, remat=False):
-    """(setup, jitted step, policy) of jaxdiff.train for `config` (train.build applies config.training.precision).
+    """(setup, jitted step, policy) of jaxdiff.train_step for `config` (build applies config.training.precision).
 
     remat: the network under jax.checkpoint(policy=dots_saveable): the backward pass keeps only conv / matmul
     outputs and recomputes the elementwise ops (GroupNorm, SiLU, dropout) from them (an experiment for the
-    batch-512 memory; not part of jaxdiff.train)."""
+    batch-512 memory; not part of jaxdiff.train_step)."""
     policy = precision_lib.from_config(config)
-    setup = train.build(config)
+    setup = train_step.build(config)
     if remat:
-        network = jax.checkpoint(train.make_network(setup.model), policy=jax.checkpoint_policies.dots_saveable)
+        def networks(model_state):
+            network = train_step.make_network(setup.model, model_state)
+            return {'model': jax.checkpoint(network, policy=jax.checkpoint_policies.dots_saveable)}
         t = config.training
-        step_fn = train.make_train_step(
-            losses.make_loss(network, setup.pieces), setup.optimizer, seed=t.seed,
+        step_fn = train_step.make_train_step(
+            setup.loss, networks, setup.optimizer, seed=t.seed,
             batch_size=t.batch_size, lr=t.lr, lr_rampup_images=t.lr_rampup_images,
             ema_halflife_images=t.ema_halflife_images, ema_rampup_ratio=t.ema_rampup_ratio,
-            augment=train.augment_options(config.data))
+            augment=train_step.augment_fn(config.get('augment')))
         setup = setup._replace(train_step=precision_lib.with_matmul_precision(step_fn, policy))
-    return setup, train.jit_train_step(setup.train_step, mesh), policy
+    return setup, train_step.Jit(mesh).compile(setup.train_step), policy
 
 
 # ---------------------------------------------------------------- XLA accounting
@@ -160,8 +162,8 @@ def accounting(config, mesh, batch_size, remat=False):
     config = config.copy_and_resolve_references()
     config.training.batch_size = batch_size
     setup, step, _ = build_step(config, mesh, remat)
-    state = train.abstract_state(config, setup.model, setup.optimizer, mesh)
-    metrics = jax.eval_shape(train.zero_metrics)
+    state = train_step.abstract_state(config, setup.modules, setup.optimizer, mesh)
+    metrics = jax.eval_shape(train_step.zero_metrics)
     metrics = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=mesh_lib.replicated(mesh)),
                            metrics)
     start = time.perf_counter()
@@ -190,10 +192,10 @@ def time_train(config, mesh, warmup, steps, remat=False):
     """Compiles the step once (AOT), runs `warmup` steps, then times `steps` steps (block_until_ready)."""
     setup, step, policy = build_step(config, mesh, remat)
     shape, batch_size = tuple(config.data.shape), config.training.batch_size
-    init = jax.jit(lambda key: train.init_state(setup.model, setup.optimizer, shape, key),
+    init = jax.jit(lambda key: train_step.init_state(setup.modules, setup.optimizer, shape, key),
                    out_shardings=mesh_lib.replicated(mesh))
-    state = init(train.root_keys(config.training.seed)[0])
-    metrics = jax.jit(train.zero_metrics, out_shardings=mesh_lib.replicated(mesh))()
+    state = init(train_step.root_keys(config.training.seed)[0])
+    metrics = jax.jit(train_step.zero_metrics, out_shardings=mesh_lib.replicated(mesh))()
     batches = [random_batch(jax.random.key(i), batch_size, shape, mesh) for i in range(2)]
     start = time.perf_counter()
     compiled = step.lower(state, metrics, batches[0]).compile()
@@ -319,11 +321,11 @@ def main(argv=None):
         result.update(timing)
         result['train_gflop_per_image'] = (None if timing['train_gflop_per_step'] is None
                                            else timing['train_gflop_per_step'] / config.training.batch_size)
-        params = state.ema_params
+        params = state.ema_params['model']
     else:
         setup, _, _ = build_step(config, mesh)
         shape = tuple(config.data.shape)
-        params = jax.jit(lambda key: train.init_state(setup.model, setup.optimizer, shape, key).params)(
+        params = jax.jit(lambda key: train_step.init_state(setup.modules, setup.optimizer, shape, key).params['model'])(
             jax.random.key(0))
     if not {'forward', 'sample'} <= skip:
         sample_batch = args.sample_batch or config.training.batch_size

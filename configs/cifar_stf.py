@@ -5,21 +5,16 @@ target field of Xu, Tong, Jaakkola, Tian (ICLR 2023) and the paper's default ref
 
 Each step the reference batch is the (augmented) minibatch plus R - B = 3584 other augmented training images, shared
 by all devices (a global reference; the authors' code uses one per GPU). R must be >= the batch size and a multiple
-of the number of devices. The released checkpoints (github.com/Newbeeer/stf) used R = 1024: NCSN++ reached FID 1.90
-at 35 NFE (DDPM++ 1.92). To train that one:
-
-    python -m jaxdiff.main --config=configs/cifar_stf.py --workdir=runs/cifar_stf_ncsnpp --config.loss.reference_size=1024 --config.model.name=ncsnpp --config.model.embedding_type=fourier --config.model.channel_mult_noise=2 --config.model.encoder_type=residual --config.model.resample_filter='(1,3,3,1)'
-
-Needs the prepared tfds CIFAR-10 (see configs/cifar_edm.py and --config.data.data_dir); without it the command stops
-at once with instructions.
+of the number of devices. The released checkpoints (github.com/Newbeeer/stf) used R = 1024 with NCSN++
+(configs/cifar_stf_ncsnpp.py). Needs the prepared tfds CIFAR-10 (see configs/cifar_edm.py).
 """
 from ml_collections import config_dict
 
-from jaxdiff.config_files import sibling
+from configs import cifar_edm
 
 
 def get_config():
-    config = sibling(__file__, 'cifar_edm').get_config()
+    config = cifar_edm.get_config()
     config.loss.target = 'stf'
     config.loss.reference_size = 4096                                 # R, global; the paper's default
     config.loss.reference_chunk_size = config_dict.placeholder(int)   # None: all R at once (4 MiB of logits per 64)

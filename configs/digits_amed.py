@@ -2,15 +2,16 @@
 
     python -m jaxdiff.main --config=configs/quickstart.py --workdir=runs/quickstart
     python -m jaxdiff.main --config=configs/digits_amed.py --mode=train_amed --workdir=runs/digits_amed_nfe5
+    python -m jaxdiff.main --config=configs/digits_amed.py --workdir=runs/quickstart --mode=sample --config.sampling.sampler=amed --config.sampling.predictor_workdir=runs/digits_amed_nfe5
 
-The iPNDM plugin instead: add --config.amed.base=ipndm --config.amed.schedule=edm --config.amed.teacher=ipndm
---config.amed.extra_points=2. NFE = 2 (num_points - 1) - afs (num_points 4 with AFS: NFE 5).
+NFE = 2 (num_points - 1) - afs (num_points 4 with AFS: NFE 5). The iPNDM plugin: --config.amed.base=ipndm
+--config.amed.schedule=edm --config.amed.teacher=ipndm --config.amed.extra_points=2 (as configs/cifar_amed_ipndm.py).
 """
-from jaxdiff.config_files import sibling
+from configs import cifar_amed, quickstart
 
 
 def get_config():
-    config = sibling(__file__, 'quickstart').get_config()
-    config.amed = sibling(__file__, 'cifar_amed').amed_fields(model_workdir='runs/quickstart', num_trajectories=2048,
-                                                     batch_size=64, log_every_rounds=8)
+    config = quickstart.get_config()
+    config.amed = cifar_amed.amed_fields(model_workdir='runs/quickstart', num_trajectories=2048, batch_size=64,
+                                         log_every_rounds=8)
     return config

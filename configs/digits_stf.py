@@ -7,11 +7,11 @@ field (Xu et al., ICLR 2023) with a global reference batch of R = 512 of the 150
 Training writes checkpoints and a sample grid (WORKDIR/samples/step_*.png) at the end; --mode=sample draws more
 from the EMA weights. Compare with configs/quickstart.py (the same run with the plain target).
 """
-from jaxdiff.config_files import sibling
+from configs import quickstart
 
 
 def get_config():
-    config = sibling(__file__, 'quickstart').get_config()
+    config = quickstart.get_config()
     config.loss.target = 'stf'
     config.loss.reference_size = 512          # R >= training.batch_size (32), a multiple of the device count
     return config

@@ -1,4 +1,4 @@
-"""Mode `train_amed`: fit the AMED predictor to a teacher solver (Zhou, Chen, Wang, Chen, CVPR 2024, Sec. 3.3, Alg. 1).
+"""Training an AMED predictor (used by `--mode=train_amed`, jaxdiff/modes/train_amed.py): fit the AMED predictor to a teacher solver (Zhou, Chen, Wang, Chen, CVPR 2024, Sec. 3.3, Alg. 1).
 
     python -m jaxdiff.main --config=configs/cifar_amed.py --mode=train_amed --workdir=DIR
 
@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from jaxdiff import checkpoint as checkpoint_lib
-from jaxdiff import models, samplers, schedules
+from jaxdiff import samplers, schedules
 from jaxdiff.errors import UserError
 from jaxdiff.models.amed_predictor import AMEDPredictor
 from jaxdiff.samplers import amed
@@ -182,6 +182,14 @@ def learned_steps(module, params, sigmas, features=None):
     return tuple(np.asarray([float(o[j][0]) for o in out]) for j in range(3))
 
 
+def bottleneck_size(denoiser, sample_shape):
+    """H * W of the denoiser's aux bottleneck (jax.eval_shape, nothing runs); 64 when it has none."""
+    x = jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32)
+    _, aux = jax.eval_shape(lambda x: call_denoiser(denoiser, x, jnp.ones((1,)), with_aux=True), x)
+    bottleneck = aux.get('bottleneck')
+    return 64 if bottleneck is None else int(bottleneck.shape[1] * bottleneck.shape[2])
+
+
 # --- the predictor checkpoint ------------------------------------------------------------------------------
 
 def predictor_fields(module):
@@ -247,68 +255,3 @@ def make_settings(module, *, model, schedule, num_points, sigma_min, sigma_max, 
                 nfe=2 * (int(num_points) - 1) - int(bool(afs)), teacher=teacher, extra_points=int(extra_points),
                 num_trajectories=int(num_trajectories), batch_size=int(batch_size), lr=float(lr), seed=int(seed),
                 predictor=predictor_fields(module))
-
-
-# --- the mode ------------------------------------------------------------------------------------------------
-
-def describe_model(config, model_workdir, step):
-    """What a predictor is tied to: the network config, data shape, parameterization and checkpoint."""
-    return dict(model=dict(config.model), data_shape=list(config.data.shape), loss=dict(config.loss),
-                workdir=os.path.abspath(model_workdir), step=int(step))
-
-
-def load_model_denoiser(config, model_workdir):
-    """(make_denoiser, ema_params, step) of the trained jaxdiff checkpoint in `model_workdir` (as `sample` does)."""
-    from jaxdiff import mesh as mesh_lib
-    from jaxdiff.denoiser import Denoiser
-    from jaxdiff.sample import restore_trained
-
-    if getattr(config.model, 'label_dim', 0):
-        raise UserError('train_amed supports unconditional models only (model.label_dim must be 0)')
-    model, precond, step, ema_params = restore_trained(config, model_workdir, mesh_lib.make_mesh())
-    return (lambda params: Denoiser(model.apply, params, precond)), ema_params, step
-
-
-def bottleneck_size(denoiser, sample_shape):
-    """H * W of the denoiser's aux bottleneck (jax.eval_shape, nothing runs); 64 when it has none."""
-    x = jax.ShapeDtypeStruct((1, *sample_shape), jnp.float32)
-    _, aux = jax.eval_shape(lambda x: call_denoiser(denoiser, x, jnp.ones((1,)), with_aux=True), x)
-    bottleneck = aux.get('bottleneck')
-    return 64 if bottleneck is None else int(bottleneck.shape[1] * bottleneck.shape[2])
-
-
-def train(config, workdir):
-    """Trains the AMED predictor named by config.amed for the checkpoint in config.amed.model_workdir; writes the
-    predictor checkpoint and settings to `workdir`, and prints the teacher-matching loss and the learned r, c."""
-    if not workdir:
-        raise UserError('--workdir is required for --mode=train_amed (where the predictor checkpoint goes)')
-    a = config.amed
-    if not a.model_workdir:
-        raise UserError('config.amed.model_workdir must name the trained model\'s workdir (its checkpoints/)')
-    if a.base not in amed.BASES:
-        raise UserError(f'amed.base must be None or one of {", ".join(amed.BASES[1:])}, got {a.base!r}')
-    make_denoiser, ema_params, step = load_model_denoiser(config, a.model_workdir)
-    sample_shape = tuple(config.data.shape)
-    module = AMEDPredictor(num_bottleneck=bottleneck_size(make_denoiser(ema_params), sample_shape),
-                           eps_c=a.eps_c, eps_a=a.eps_a)
-    sigmas, teacher_sigmas = grids(schedule=a.schedule, num_points=a.num_points, sigma_min=a.sigma_min,
-                                   sigma_max=a.sigma_max, rho=a.rho, extra_points=a.extra_points)
-    settings = make_settings(module, model=describe_model(config, a.model_workdir, step), schedule=a.schedule,
-                             num_points=a.num_points, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho,
-                             afs=a.afs, base=a.base, max_order=a.max_order, teacher=a.teacher,
-                             extra_points=a.extra_points, num_trajectories=a.num_trajectories,
-                             batch_size=a.batch_size, lr=a.lr, seed=a.seed)
-    params = init_params(module, sigmas, a.seed)
-    print(f'AMED ({a.base or "solver"}, NFE {settings["nfe"]}, {a.schedule} N={a.num_points}, afs={a.afs}) '
-          f'against {a.teacher} with {a.extra_points} extra point(s) per interval; predictor '
-          f'{models.count_params(params):,} parameters, bottleneck {module.num_bottleneck} values', flush=True)
-    params, history = train_predictor(make_denoiser, ema_params, module, params=params, sample_shape=sample_shape,
-                                      sigmas=sigmas,
-                                      teacher_sigmas=teacher_sigmas, base=a.base, afs=a.afs,
-                                      max_order=a.max_order, teacher=a.teacher, extra_points=a.extra_points,
-                                      num_trajectories=a.num_trajectories, batch_size=a.batch_size, lr=a.lr,
-                                      seed=a.seed, log_every=a.log_every_rounds)
-    save_predictor(workdir, params, settings)
-    print(f'teacher-matching loss: first round {history[0]:.4g}, last round {history[-1]:.4g}; predictor saved to '
-          f'{os.path.abspath(workdir)} ({SETTINGS_FILE} + checkpoints/)', flush=True)
-    return params, settings

@@ -194,7 +194,9 @@ def model_rows(config, model_workdir, *, nfes=(5,), methods=tuple(METHODS), num_
     (split 'test'); the exact reference's own fd is a row 'Heun (501 NFE)'. AMED predictors read the real bottleneck."""
     from jaxdiff.data import digits
 
-    make_denoiser, ema_params, _ = amed_train.load_model_denoiser(config, model_workdir)
+    from jaxdiff import generate, mesh as mesh_lib
+    trained = generate.restore(config, model_workdir, mesh_lib.make_mesh())
+    make_denoiser, ema_params = trained.denoiser_fn, trained.variables
     denoiser = make_denoiser(ema_params)
     shape = tuple(config.data.shape)
     held_out = digits.Digits(shape=shape, split='test').images

@@ -1,17 +1,28 @@
 """Config files by path: `configs/NAME.py` modules with `get_config()`, as absl's --config flag loads them.
 
-The one loader for config files that build on one another (cifar_stf extends cifar_edm), tests and benchmarks.
+Recipes import their shared sections and each other as the package `configs` (`from configs import common`);
+`make_importable` puts the folder above a config file's folder on sys.path, so that works from any directory
+(main.py calls it before absl loads the file). The one loader for tests, benchmarks and notebooks.
 """
 import importlib.util
 import os
+import sys
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'configs')
 
 
+def make_importable(path):
+    """sys.path gets the parent of the folder holding config file `path` (so `import configs.X` resolves)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+    if root not in sys.path:
+        sys.path.insert(0, root)
+
+
 def load_module(path):
-    """The config file at `path` as a module (its helpers, e.g. cifar_amed.amed_fields, become usable)."""
+    """The config file at `path` as a module."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f'config file not found: {path}')
+    make_importable(path)
     name = os.path.splitext(os.path.basename(path))[0]
     spec = importlib.util.spec_from_file_location(f'jaxdiff_config_{name}', path)
     module = importlib.util.module_from_spec(spec)
@@ -29,11 +40,6 @@ def load(path, overrides=None):
             section = section[group]
         section[key] = value
     return config
-
-
-def sibling(config_file, name):
-    """Module configs/NAME.py next to `config_file` (pass __file__), so a config works from any directory."""
-    return load_module(os.path.join(os.path.dirname(os.path.abspath(config_file)), f'{name}.py'))
 
 
 def named(name, **overrides):

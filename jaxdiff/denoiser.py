@@ -13,9 +13,10 @@ class Denoiser:
     """apply_fn: a Flax `model.apply`; params: the model's 'params' collection; precond: sigma -> Coefficients
     (e.g. `losses.build(**config.loss).parameterization.precond`); class_labels: [B, label_dim] one-hot or None."""
 
-    def __init__(self, apply_fn, params, precond, *, class_labels=None):
+    def __init__(self, apply_fn, params, precond, *, class_labels=None, buffers=None):
         self.apply_fn = apply_fn
         self.params = params
+        self.buffers = buffers or {}   # the model's non-trainable collections (e.g. NCSN++'s 'buffers')
         self.precond = precond
         self.class_labels = class_labels
 
@@ -24,7 +25,7 @@ class Denoiser:
         aux = {}
 
         def F(x_in, c_noise):
-            out = self.apply_fn({'params': self.params}, x_in, c_noise, class_labels=self.class_labels,
+            out = self.apply_fn({'params': self.params, **self.buffers}, x_in, c_noise, class_labels=self.class_labels,
                                 train=False, return_bottleneck=return_bottleneck)
             if return_bottleneck:
                 out, aux['bottleneck'] = out

@@ -9,14 +9,15 @@ import pytest
 
 from jaxdiff import checkpoint, mesh as mesh_lib
 from jaxdiff.errors import UserError
-from jaxdiff.train import TrainState
+from jaxdiff.train_step import TrainState
 
 
 def make_state(seed):
     params = {'dense': {'kernel': jax.random.normal(jax.random.key(seed), (3, 4)), 'bias': jnp.arange(4.0)}}
     optimizer = optax.adam(1e-3)
     return TrainState(step=jnp.asarray(seed, jnp.int32), params=params,
-                      ema_params=jax.tree.map(lambda x: x * 0.5, params), opt_state=optimizer.init(params))
+                      ema_params=jax.tree.map(lambda x: x * 0.5, params), opt_state=optimizer.init(params),
+                      model_state={})
 
 
 def abstract(state):

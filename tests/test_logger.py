@@ -176,8 +176,6 @@ def test_toy2d_training_writes_tensorboard_scalars(toy2d_run):
     assert all(value > 0 for _, value in scalars['images_per_second'])
 
 
-@pytest.mark.xfail(strict=True, reason='the training loop does not call Logger.image yet (lead: wire it, then '
-                                       'remove this marker)')
 def test_toy2d_training_writes_sample_picture(toy2d_run):
     _, pictures = read_events(os.path.join(toy2d_run, logger_lib.TENSORBOARD_DIR))
     [(step, pixels)] = pictures['samples']

@@ -60,7 +60,7 @@ def test_registries_reject_unknown_choices_and_options():
 
 def test_a_registered_pairing_and_target_plug_in(monkeypatch):
     """New pieces are registry entries: zero noise + a target equal to the noisy input make D = x exact."""
-    monkeypatch.setitem(losses.PAIRINGS, 'none', lambda: (lambda key, y: jnp.zeros_like(y)))
+    monkeypatch.setitem(losses.PAIRINGS, 'none', lambda: (lambda key, y, *_: (jnp.zeros_like(y), 0.0, {})))
     monkeypatch.setitem(losses.TARGETS, 'identity', lambda: (lambda x_noisy, sigma, batch: x_noisy))
     pieces = losses.build(pairing='none', target='identity')
 

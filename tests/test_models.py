@@ -9,7 +9,7 @@ import pytest
 
 from jaxdiff import models
 from jaxdiff.models import layers
-from jaxdiff.summary import summary
+from jaxdiff.modes.summary import run as summary
 
 CIFAR = (32, 32, 3)
 # Tiny 32x32 SongUNets (3 levels -> 8x8 bottleneck, attention at 16x16, augment_dim=9) that compile in seconds.

@@ -83,12 +83,7 @@ def read_metrics(workdir):
 
 def restore_ema(config, workdir, mesh):
     """(step, EMA parameters) of the newest checkpoint in `workdir`."""
-    try:
-        from jaxdiff import generate
-    except ImportError:  # before the sampling layer moved to jaxdiff.generate
-        from jaxdiff import sample
-        _, _, step, ema_params = sample.restore_trained(config, workdir, mesh)
-        return step, ema_params
+    from jaxdiff import generate
     trained = generate.restore(config, workdir, mesh)
     return trained.step, trained.variables
 

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import mesh as mesh_lib, precision, train
-from jaxdiff.sample import Generator
+from jaxdiff import generate, mesh as mesh_lib, precision, train_step
+from jaxdiff.modes import train
 from test_train import load_config, toy_config
 
 TINY_UNET = dict(name='ddpmpp', model_channels=8, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
@@ -43,13 +43,13 @@ def matmul_eqns(jaxpr):
 
 def traced_step(config):
     """(abstract outputs, jaxpr) of train.build's step for `config` (its precision policy applied; nothing compiles)."""
-    setup = train.build(config)
+    setup = train_step.build(config)
     t = config.training
-    state = jax.eval_shape(lambda k: train.init_state(setup.model, setup.optimizer, tuple(config.data.shape), k),
+    state = jax.eval_shape(lambda k: train_step.init_state(setup.modules, setup.optimizer, tuple(config.data.shape), k),
                            jax.random.key(0))
     batch = {'image': jax.ShapeDtypeStruct((t.batch_size, *config.data.shape), jnp.float32),
              'label': jax.ShapeDtypeStruct((t.batch_size,), jnp.int32)}
-    metrics = jax.eval_shape(train.zero_metrics)
+    metrics = jax.eval_shape(train_step.zero_metrics)
     step = setup.train_step
     return jax.eval_shape(step, state, metrics, batch), jax.make_jaxpr(step)(state, metrics, batch)
 
@@ -94,13 +94,13 @@ def test_train_step_donates_the_state():
     """The jitted step reuses the state's buffers: after a step the input arrays are deleted (no second copy of
     parameters, EMA and Adam moments is ever alive)."""
     config = toy_config(2, **{'model.hidden_dim': 16, 'model.num_layers': 1})
-    setup = train.build(config)
+    setup = train_step.build(config)
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
-    state = jax.device_put(train.init_state(setup.model, setup.optimizer, (2,), jax.random.key(0)),
+    state = jax.device_put(train_step.init_state(setup.modules, setup.optimizer, (2,), jax.random.key(0)),
                            mesh_lib.replicated(mesh))
-    metrics = jax.device_put(train.zero_metrics(), mesh_lib.replicated(mesh))
+    metrics = jax.device_put(train_step.zero_metrics(), mesh_lib.replicated(mesh))
     batch = mesh_lib.global_batch({'image': np.ones((64, 2), np.float32), 'label': np.zeros(64, np.int32)}, mesh)
-    step = train.jit_train_step(setup.train_step, mesh)
+    step = train_step.Jit(mesh).compile(setup.train_step)
     new_state, new_metrics = step(state, metrics, batch)
     jax.block_until_ready(new_state)
     old_leaves = jax.tree.leaves(state)
@@ -112,10 +112,10 @@ def test_train_step_donates_the_state():
 
 
 def test_training_loop_syncs_with_the_host_only_to_fetch_metrics(tmp_path, monkeypatch):
-    """train.train's loop (everything inside its StopRequest block: steps, logging, the final checkpoint and
+    """modes/train.py's loop (everything inside its StopRequest block: steps, logging, the final checkpoint and
     sample grid) runs under jax.transfer_guard('disallow'): any implicit transfer (float(loss), np.asarray(x),
     `if x > 0` on a device value, a Python scalar passed to the step) raises. The explicit device_get calls of
-    train.py are counted: one per log_every_steps (plus the last step), none elsewhere. Every batch the loop
+    modes/train.py are counted: one per log_every_steps (plus the last step), none elsewhere. Every batch the loop
     receives is already on the mesh's devices (built and transferred by the prefetch thread)."""
     steps, every = 8, 3
     config = toy_config(steps, **{'training.log_every_steps': every, 'training.checkpoint_every_steps': 100,
@@ -154,7 +154,7 @@ def test_training_loop_syncs_with_the_host_only_to_fetch_metrics(tmp_path, monke
     monkeypatch.setattr(train, 'Prefetcher', RecordingPrefetcher)
     monkeypatch.setattr(jax, 'device_get', counting_device_get)
     devices = jax.devices()[:2]
-    state = train.train(config, str(tmp_path), devices=devices)
+    state = train.run(config, str(tmp_path), devices=devices)
 
     assert window['entered'] == 1   # the guard really covered the loop
     assert int(device_get(state.step)) == steps
@@ -200,21 +200,23 @@ class TraceCounter:
 
 
 def test_sampler_is_one_scan_compiled_once_per_nfe():
-    """The Heun sampler of `sample.Generator` is one lax.scan: tracing it calls the network a fixed number of
+    """The Heun sampler of `generate.Generator` is one lax.scan: tracing it calls the network a fixed number of
     times (the Euler call and the correction in lax.cond) whatever the NFE; sampling again with the same NFE
     does not trace again; another NFE traces once more."""
     config = toy_config(1, **{'model.hidden_dim': 16, 'model.num_layers': 1, 'sampling.batch_size': 8})
-    setup = train.build(config)
-    params = train.init_state(setup.model, setup.optimizer, (2,), jax.random.key(0)).params
+    setup = train_step.build(config)
+    params = train_step.init_state(setup.modules, setup.optimizer, (2,), jax.random.key(0)).params['model']
     mesh = mesh_lib.make_mesh(jax.devices()[:1])
     traces_per_compile = []
     for num_steps in (18, 6):
-        config.sampling.num_steps = num_steps
+        config.sampling.schedule_options.num_steps = num_steps
         counter = TraceCounter(setup.model)
-        generator = Generator(config, counter, setup.pieces.parameterization.precond, mesh)
-        first = generator(params, 8)
+        generator = generate.Generator(config, generate.denoiser_fn_for(counter, setup.loss.parameterization.precond),
+                                       mesh)
+        variables = {'params': {'model': params}, 'model_state': {}}
+        first = generator(variables, 8)
         traced = counter.traces
-        second = generator(params, 16)          # two more batches, same NFE: no new trace
+        second = generator(variables, 16)          # two more batches, same NFE: no new trace
         assert counter.traces == traced
         assert generator.nfe == 2 * num_steps - 1
         np.testing.assert_array_equal(first, second[:8])

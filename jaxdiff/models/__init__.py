@@ -83,12 +83,16 @@ def build(name, **overrides):
     return model
 
 
-def from_config(config):
+def from_config(config, section='model'):
     """`build(config.model.name, **rest)` with the SongUNet shape fields taken from `config.data.shape` (H, W, C).
+    section: another config section naming a network the same way (a loss's extra network, e.g. 'encoder').
 
     A shape field set in config.model must agree with the data shape; a mismatch is a ValueError naming both.
     """
-    model_fields = dict(config.model)
+    if section not in config:
+        raise ValueError(f'config.{section} is missing: the loss needs a network named {section!r} '
+                         f'(config.{section} = dict(name=..., ...); models: {", ".join(names())})')
+    model_fields = dict(config[section])
     name = model_fields.pop('name')
     data_shape = tuple(config.data.shape)
     if _lookup(name)[0] is SongUNet:
@@ -100,6 +104,11 @@ def from_config(config):
                 raise ValueError(f'model.{field}={model_fields[field]} disagrees with data.shape={data_shape}')
             model_fields[field] = value
     return build(name, **model_fields)
+
+
+def init(model, data_shape, key):
+    """All variable collections of `model` ('params', and e.g. 'buffers') for inputs of `data_shape`."""
+    return model.init(key, jnp.zeros((1, *data_shape), jnp.float32), jnp.zeros((1,), jnp.float32))
 
 
 def param_shapes(model, data_shape):

@@ -30,7 +30,7 @@ def format_table(params):
     return '\n'.join([line(header), rule, *map(line, rows), rule, f'parameters: {models.count_params(params)}'])
 
 
-def summary(config, workdir=None):
+def run(config, workdir=None):
     """Prints the table for `config.model` at input shape `config.data.shape`; returns the trainable count."""
     del workdir  # summary reads nothing from the workdir
     model = models.from_config(config)
