@@ -83,3 +83,27 @@ def sliced_wasserstein(a, b, key, num_projections=128):
         quantile = lambda p: jnp.quantile(p, levels, axis=0)
         proj_a, proj_b = quantile(proj_a), quantile(proj_b)
     return jnp.sqrt(jnp.mean((proj_a - proj_b) ** 2))
+
+
+def straightness(trajectory):
+    """The Fast-ODE authors' straightness of a solver's discrete trajectory (Lee, Kim, Ye, ICML 2023, their `utils.
+    straightness`), for a flow on a uniform time grid t_i = 1 - i / N, i = 0..N, x(t=1) first:
+
+        base = x(t=1) - x(t=0),   v_i = (traj[i-1] - traj[i]) / dt  (dt = 1 / N),
+        value = mean over steps i of the element-wise mean of (v_i - base)^2.
+
+    Relation to `curvature`: on the flow's own coordinates x_t and that grid, straightness(traj) equals
+    curvature(traj, t_grid) exactly (span 1, the same secant velocities and chord). A jaxdiff sampler runs a flow in
+    sigma-space (x = x_t / (1 - t), sigma = t / (1 - t)); convert its trajectory with `flow.trajectory_in_time`
+    before calling this. curvature(traj_sigma, sigmas) measures the sigma-space path instead: the straight flow path
+    x_t = (1 - t) x0 + t z is x = x0 + sigma z there, also straight at constant speed, so both vanish together, but
+    their values differ in general (other coordinates, other time weighting). Both are reported.
+    trajectory: [N + 1, B, ...].
+    """
+    trajectory = jnp.asarray(trajectory)
+    if trajectory.shape[0] < 2:
+        raise ValueError(f'straightness: the trajectory needs at least 2 points, got {trajectory.shape[0]}')
+    dt = 1.0 / (trajectory.shape[0] - 1)
+    base = trajectory[0] - trajectory[-1]
+    v = (trajectory[:-1] - trajectory[1:]) / dt                                                   # [N, B, ...]
+    return jnp.mean(jnp.mean((v - base[None]) ** 2, axis=tuple(range(1, trajectory.ndim))))

@@ -55,3 +55,16 @@ def test_sliced_wasserstein():
     assert sw == pytest.approx(1.0, rel=0.05)
     # different sizes: compared at common quantiles
     assert float(metrics.sliced_wasserstein(x, jnp.concatenate([x, x]), key)) < 0.05
+
+
+def test_straightness_by_hand_and_equal_to_curvature_on_a_uniform_time_grid():
+    # 1-D path 0 -> 1 -> 1 over t = 1, 1/2, 0: v_i = (traj[i-1] - traj[i]) / (1/2) = [-2, 0], base = 0 - 1 = -1
+    trajectory = jnp.array([[0.0], [1.0], [1.0]])[:, None]
+    assert float(metrics.straightness(trajectory)) == pytest.approx(((-2 + 1) ** 2 + (0 + 1) ** 2) / 2)
+    # the authors' straightness is curvature with sigmas = the uniform t grid 1 -> 0 (span 1)
+    trajectory = jax.random.normal(jax.random.PRNGKey(0), (7, 3, 4, 2))
+    times = jnp.linspace(1.0, 0.0, 7)
+    assert float(metrics.straightness(trajectory)) == pytest.approx(float(metrics.curvature(trajectory, times)),
+                                                                     rel=1e-5)
+    with pytest.raises(ValueError):
+        metrics.straightness(trajectory[:1])
