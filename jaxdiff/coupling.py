@@ -14,8 +14,8 @@ Methods:
 - 'exact'    the optimal assignment. exact_solver='scipy' (default): the cost matrix is computed by XLA, then
              `scipy.optimize.linear_sum_assignment` (Jonker-Volgenant) runs on the host through `jax.pure_callback`,
              so `assign` is usable inside jit (the callback is a host round trip). exact_solver='hungarian':
-             `optax.assignment.hungarian_algorithm`, on the device inside the compiled program. On CPU scipy is
-             about 4x faster (benchmarks/aot_overhead.py, benchmarks/RESULTS.md), hence the default.
+             `optax.assignment.hungarian_algorithm`, on the device inside the compiled program. scipy is the
+             default because it measured 3-5x faster (benchmarks/aot_overhead.py; figures in RESULTS.md).
 - 'sinkhorn' entropic OT (Cuturi 2013) with ott-jax's `Sinkhorn` on the same cost matrix, epsilon given relative
              to the cost scale (epsilon * std of the cost matrix), rounded to a permutation greedily: rows are
              visited in decreasing order of their largest log transport-plan entry (f_i + g_j - C_ij) / eps and
