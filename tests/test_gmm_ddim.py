@@ -224,15 +224,18 @@ def test_bad_options_are_one_line_value_errors():
 
 
 def test_benchmark_writes_rows_and_shares_random_numbers(tmp_path, capsys):
-    """A tiny run of mode bench_gmm_ddim: CSV rows for every (dataset, method, eta, steps, seed) plus the exact-sample
-    floor, NFE = steps, finite metrics, a PNG; with scale = 0 the GMM rows equal DDIM's (common random numbers)."""
+    """A tiny run of the GMM-DDIM benchmark: CSV rows for every (problem, method, eta, steps, seed) plus the
+    exact-sample floor, NFE = steps, finite metrics, a PNG; with scale = 0 the GMM rows equal DDIM's (common random
+    numbers)."""
     import csv
-    from jaxdiff import bench_gmm_ddim, config_files
+    from jaxdiff import config_files
+    from jaxdiff.bench import gmm_ddim as bench_gmm_ddim
     config = config_files.named('bench_gmm_ddim')
     config.gmm_ddim.num_components = 4
     config.gmm_ddim.scale = 0.0
     config.bench.update(methods=('ddim', 'ortho'), steps=(3,), etas=(0.5,), num_seeds=2, num_samples=64,
-                        num_projections=16, mixture_shape=(2, 2, 3))
+                        num_projections=16)
+    config.bench.problem_options.separated_mixture.shape = (2, 2, 3)
     bench_gmm_ddim.run(config, str(tmp_path))
     with open(tmp_path / 'bench_gmm_ddim.csv') as f:
         rows = list(csv.DictReader(f))
@@ -242,8 +245,8 @@ def test_benchmark_writes_rows_and_shares_random_numbers(tmp_path, capsys):
         assert all(np.isfinite(float(row[m])) for m in bench_gmm_ddim.METRICS)
         assert row['method'] == 'exact' or int(row['nfe']) == 3
     by_key = {(r['dataset'], r['method'], r['seed']): r for r in rows}
-    for dataset in ('mixture', 'digits'):
+    for dataset in ('separated_mixture', 'digits'):
         for seed in ('0', '1'):
             for m in bench_gmm_ddim.METRICS:
                 assert by_key[(dataset, 'ortho', seed)][m] == by_key[(dataset, 'ddim', seed)][m]
-    assert 'mixture fd' in capsys.readouterr().out
+    assert 'separated_mixture fd' in capsys.readouterr().out

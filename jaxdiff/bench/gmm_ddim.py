@@ -1,13 +1,15 @@
-"""Mode `bench_gmm_ddim`: GMM-DDIM (Gabbur, arXiv 2311.04938) vs DDIM on exact ground truth (configs/bench_gmm_ddim.py).
+"""GMM-DDIM (Gabbur, arXiv 2311.04938) vs DDIM on exact ground truth (configs/bench_gmm_ddim.py holds the command).
 
-Targets with exact denoisers (`analytic`): a Gaussian mixture of images with unequal weights (modes = its components)
-and the empirical distribution of the digits training set (a sample's mode = the class of its nearest training
-image). For every steps x eta x method, `num_seeds` seeds each draw `num_samples` samples on DDPM's discrete grid;
-DDIM and the GMM variants share x_T and the sampler key of a seed (common random numbers: with scale = 0 the GMM
-samples would be DDIM's). An 'exact' row (exact samples of the same size) shows each metric's sampling-noise floor.
+Truth problems (`bench.problems`): by default a Gaussian mixture of images with unequal weights, well-separated modes
+('separated_mixture'; modes = its components) and the empirical distribution of the digits training set ('digits',
+split 'train'; a sample's mode = the class of its nearest training image). For every steps x eta x method,
+`num_seeds` seeds each draw `num_samples` samples on DDPM's discrete grid; DDIM and the GMM variants share x_T and the
+sampler key of a seed (common random numbers: with scale = 0 the GMM samples would be DDIM's). Seed s of a problem
+draws from fold_in(problem.noise_key(seed), s), so two problems never share noise. An 'exact' row (exact samples of
+the same size) shows each metric's sampling-noise floor.
 
 Metrics (`jaxdiff.metrics`, against the exact distribution): Frechet distance of the samples' Gaussian fit to the
-exact moments (the mixture's closed-form mean and covariance; the digits set's moments), sliced Wasserstein-2
+exact moments (`problem.moments()`: the mixture's closed form; the digits set's own), sliced Wasserstein-2
 (`num_projections` directions, the same for every method) to an exact reference set (the whole digits training
 set; `num_samples` exact mixture samples), and the mode-weight error
 TV = 1/2 sum_m |fraction of samples in mode m - true weight of m|.
@@ -20,61 +22,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import analytic, metrics, samplers, schedules
+from jaxdiff import metrics, samplers, schedules
+from jaxdiff.bench import problems as problems_lib
 from jaxdiff.errors import UserError
 
 METRICS = ('fd', 'sw', 'mode_tv')
 EXACT = 'exact'
+REFERENCE_STREAM = 10_000        # fold_in of the problem's noise key for its exact reference set (seeds stay below)
 
 
-# ---------------------------------------------------------------- targets
 class Target:
-    """An exact distribution: denoiser, exact sampler, moments and reference set for the metrics, mode labelling."""
+    """A truth problem with what the metrics compare against: exact moments and a reference set."""
 
-    def __init__(self, name, shape, denoiser, sample, mode_of, mode_weights, reference, mean=None, cov=None):
-        self.name, self.shape, self.denoiser, self.sample, self.mode_of = name, shape, denoiser, sample, mode_of
-        self.mode_weights = np.asarray(mode_weights, np.float64)
-        self.reference = np.asarray(reference, np.float32)
-        if mean is None:
-            mean, cov = metrics.gaussian_statistics(reference)
-        self.mean, self.cov = mean, cov
-
-
-def mixture_target(b):
-    from jaxdiff.data import synthetic
-    shape = tuple(b.mixture_shape)
-    weights = np.asarray(b.mixture_weights, np.float64)
-    weights = weights / weights.sum()
-    num_modes = len(weights)
-    means = synthetic.separated_means(shape, num_modes, synthetic.MIN_SEPARATION * b.mixture_std, b.seed)
-    mixture = analytic.GaussianMixture(jnp.asarray(means), jnp.full((num_modes,), b.mixture_std, jnp.float32),
-                                       jnp.asarray(weights, jnp.float32))
-    labeller = synthetic.MixtureSource('gmm', mixture)
-    flat = means.reshape(num_modes, -1).astype(np.float64)
-    mean = weights @ flat                                   # exact moments of sum_m w_m N(mu_m, s^2 I)
-    cov = (flat - mean).T @ ((flat - mean) * weights[:, None]) + b.mixture_std ** 2 * np.eye(flat.shape[1])
-    reference = mixture.sample(jax.random.PRNGKey(b.seed + 10_000), b.num_samples)
-    return Target('mixture', shape, mixture.denoiser, mixture.sample,
-                  lambda x: np.asarray(labeller.component(jnp.asarray(x))), weights, reference, mean, cov)
-
-
-def digits_target(b):
-    from jaxdiff.data import digits
-    source = digits.Digits(shape=tuple(b.digits_shape), split='train')
-    images, labels = source.images, source.labels
-    empirical = analytic.Empirical(jnp.asarray(images))
-    flat = jnp.asarray(images.reshape(len(images), -1))
-
-    def mode_of(x):   # the class of the nearest training image
-        x = jnp.asarray(x).reshape(x.shape[0], -1)
-        d2 = jnp.sum(x ** 2, 1)[:, None] - 2 * x @ flat.T + jnp.sum(flat ** 2, 1)[None]
-        return labels[np.asarray(jnp.argmin(d2, axis=1))]
-
-    weights = np.bincount(labels, minlength=10) / len(labels)
-    return Target('digits', tuple(source.shape), empirical.denoiser, empirical.sample, mode_of, weights, images)
-
-
-TARGETS = {'mixture': mixture_target, 'digits': digits_target}
+    def __init__(self, problem, num_samples, seed):
+        self.problem, self.name, self.shape = problem, problem.name, problem.shape
+        self.denoiser, self.sample, self.mode_of = problem.denoiser, problem.exact_samples, problem.mode_of
+        self.mode_weights = problem.mode_weights
+        self.mean, self.cov = problem.moments()
+        if problem.is_mixture:
+            key = jax.random.fold_in(problem.noise_key(seed), REFERENCE_STREAM)
+            self.reference = np.asarray(problem.exact_samples(key, num_samples), np.float32)
+        else:
+            self.reference = problem.data()
 
 
 class Evaluator:
@@ -89,11 +58,10 @@ class Evaluator:
         import warnings
 
         import scipy.linalg
-        from threadpoolctl import threadpool_limits       # one BLAS thread: the 2-core box is shared
         target = self.target
         fractions = np.bincount(target.mode_of(samples), minlength=len(target.mode_weights)) / samples.shape[0]
         # the digits' covariance is singular (border pixels are always blank): sqrtm warns, the value is still fine
-        with threadpool_limits(1), warnings.catch_warnings():
+        with warnings.catch_warnings():
             warnings.simplefilter('ignore', scipy.linalg.LinAlgWarning)
             fd = metrics.frechet_distance_from_statistics(*metrics.gaussian_statistics(samples), target.mean,
                                                           target.cov)
@@ -125,9 +93,9 @@ def generate(target, runs, sigmas, keys, num_samples):
 
 
 def _check(b):
-    for name in b.datasets:
-        if name not in TARGETS:
-            raise UserError(f'bench.datasets: unknown {name!r}; valid: {", ".join(TARGETS)}')
+    for name in b.problems:
+        if name not in problems_lib.REGISTRY:
+            raise UserError(f'bench.problems: unknown {name!r}; valid: {", ".join(problems_lib.REGISTRY)}')
     from jaxdiff.samplers import gmm_ddim
     for method in b.methods:
         if method != 'ddim' and method not in gmm_ddim.VARIANTS:
@@ -138,15 +106,16 @@ def _check(b):
 
 def run(config, workdir):
     if not workdir:
-        raise UserError('--workdir is required for --mode=bench_gmm_ddim (where the CSV and PNG go)')
+        raise UserError('--workdir is required for the GMM-DDIM benchmark (where the CSV and PNG go)')
     b = config.bench
     _check(b)
     gmm_options = dict(config.gmm_ddim)
     os.makedirs(workdir, exist_ok=True)
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.PRNGKey(b.seed), s))(jnp.arange(b.num_seeds))
     rows, start = [], time.time()
-    for dataset in b.datasets:
-        target = TARGETS[dataset](b)
+    for dataset in b.problems:
+        problem = problems_lib.get(dataset, **dict(b.problem_options.get(dataset, {})))
+        target = Target(problem, b.num_samples, b.seed)
+        keys = jax.vmap(lambda s: jax.random.fold_in(problem.noise_key(b.seed), s))(jnp.arange(b.num_seeds))
         evaluate = Evaluator(target, b.num_projections, b.seed)
         for seed in range(b.num_seeds):     # the metrics' noise floor: exact samples of the same size
             exact = target.sample(jax.random.fold_in(keys[seed], 2), b.num_samples)
@@ -188,7 +157,7 @@ def print_tables(summary, b):
     """One table per dataset and metric: rows (eta, steps), columns methods, 'mean+-std'; '*' marks the best mean
     and '>' a GMM variant whose mean beats DDIM's by more than the two standard errors combined."""
     width = 17
-    for dataset in b.datasets:
+    for dataset in b.problems:
         for metric in METRICS:
             floor = summary[(dataset, EXACT, '', '')][metric]
             print(f'\n{dataset} {metric}   (exact-sample floor {floor[0]:.4g}+-{floor[1]:.2g}; '
@@ -216,7 +185,7 @@ def plot(summary, b, path):
     import matplotlib.ticker
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    rows = [(d, m) for d in b.datasets for m in METRICS]
+    rows = [(d, m) for d in b.problems for m in METRICS]
     fig, axes = plt.subplots(len(rows), len(b.etas), figsize=(3.2 * len(b.etas), 2.6 * len(rows)), squeeze=False)
     for r, (dataset, metric) in enumerate(rows):
         for c, eta in enumerate(b.etas):
