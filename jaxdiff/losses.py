@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import precond, stf
+from jaxdiff import aot, precond, stf
 from jaxdiff.errors import UserError
 from jaxdiff.precond import per_example
 
@@ -134,7 +134,8 @@ class Hooks(NamedTuple):
     """What a piece may need beyond `loss(params, batch, key)`; the loop calls these and never names a method.
 
       rows            (batch_size) -> tuple of `Rows`: the extra data per step (STF's reference, AOT's pool)
-      refresh         (rows, key) -> dict, jittable, once per period of the rows (AOT: augment, draw noise, assign);
+      refresh         (rows, key, augment) -> dict, jittable, once per period of the rows (AOT: augment, draw noise,
+                      assign);
                       its output joins every batch of the period; key = fold_in(refresh key, step // period)
       minibatch       (batch, key, augment, step) -> batch: the (augmented) minibatch of the step, inside the
                       jitted step; `augment` is (key, images) -> (images, augment_labels) or None. At most one
@@ -175,7 +176,7 @@ def draw_per_example(key, shape, draw, batch):
 # Registries: name -> factory(**options) -> piece, or (piece, Hooks). Other modules add entries.
 PARAMETERIZATIONS = {'edm': edm_parameterization, 'vp': vp_parameterization, 've': ve_parameterization}
 TARGETS = {'x0': lambda: x0_target, 'stf': stf_target}
-PAIRINGS = {'independent': lambda: independent_pairing}
+PAIRINGS = {'independent': lambda: independent_pairing, 'aot': aot.aot_pairing}
 
 
 class Pieces(NamedTuple):

@@ -7,8 +7,8 @@ import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'jaxdiff')
-PURE = ('precond', 'losses', 'stf', 'coupling', 'flow', 'guidance', 'schedules', 'analytic', 'metrics', 'augment',
-        'samplers', 'errors')
+PURE = ('precond', 'losses', 'stf', 'coupling', 'aot', 'flow', 'guidance', 'schedules', 'analytic', 'metrics',
+        'augment', 'samplers', 'errors')
 FRAMEWORKS = ('flax', 'optax', 'orbax', 'ml_collections', 'tensorflow_datasets', 'tensorflow', 'torch')
 ALLOWED = ('optax.assignment',)   # a pure-JAX algorithm (the Hungarian method), no optimizer
 METHOD_NAMES = ('stf', 'aot', 'fastode', 'fast-ode', 'fast_ode', 'amed', 'gmm_ddim', 'guidance', 'discriminator',

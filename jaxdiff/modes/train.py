@@ -96,7 +96,7 @@ class Refresher:
     """Rows that last several steps (`losses.Rows.period` > 1) go through the loss's refresh hook once per period;
     its output joins each batch of the period. Rows of period 1 pass straight to the step."""
 
-    def __init__(self, loss, parallel, batch_size, seed):
+    def __init__(self, loss, parallel, batch_size, seed, augment=None):
         self.rows = [r for r in loss.rows(batch_size) if r.period > 1]
         self.refresh = loss.hooks.refresh
         if self.rows and self.refresh is None:
@@ -105,7 +105,9 @@ class Refresher:
         self.key = train_step_lib.refresh_key(seed)
         self.cached = None
         if self.refresh is not None:
-            self._refresh = jax.jit(self.refresh)
+            # the output joins batches sharded on axis 0: it must come out that way (pmap: per device)
+            shardings = {'out_shardings': mesh_lib.batch_sharding(parallel.mesh)} if parallel.name == 'jit' else {}
+            self._refresh = jax.jit(lambda rows, key: self.refresh(rows, key, augment), **shardings)
         self.parallel = parallel
 
     def __call__(self, step, batch):
@@ -175,7 +177,8 @@ def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps
     log = logger_lib.Logger(workdir, total_steps=num_steps, batch_size=t.batch_size, enabled=is_main)
     reset_metrics = parallel.jit_replicated(train_step_lib.zero_metrics)
     metrics = reset_metrics()
-    refresher = Refresher(setup.loss, parallel, t.batch_size, t.seed)
+    refresher = Refresher(setup.loss, parallel, t.batch_size, t.seed,
+                          augment=train_step_lib.augment_fn(config.get('augment')))
     make_batch = train_step_lib.make_batch_fn(source, setup.loss, batch_size=t.batch_size, seed=t.seed,
                                               start=start, with_index=setup.parallelism == 'pmap')
     batches = Prefetcher(lambda step: parallel.put_batch(make_batch(step)), start, num_steps)
