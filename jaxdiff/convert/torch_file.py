@@ -163,7 +163,7 @@ class Unpickler(pickle.Unpickler):
     def __init__(self, file, storage_loader=None, extra_globals=None, origin='torch file', legacy=False):
         super().__init__(file)
         self._storage_loader = storage_loader
-        self._globals = dict(SAFE_GLOBALS, **(extra_globals or {}))
+        self._globals = {**SAFE_GLOBALS, **(extra_globals or {})}
         self._origin = origin
         self._globals[('torch.storage', '_load_from_bytes')] = lambda data: load_bytes(data, origin=origin)
         if legacy:  # a legacy file's storages come after its pickle: tensors are rebuilt once they are read
