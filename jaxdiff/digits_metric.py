@@ -90,8 +90,9 @@ class DigitsMetric:
         self.data_fd = self.fd(digits_data.Digits(shape=shape, split='test').images)
 
     def features(self, images):
-        """Classifier features [N, feature_dim] float64 of images [N, R, R, 1] in [-1, 1], times feature_scale."""
-        images = np.asarray(images, np.float32)
+        """Classifier features [N, feature_dim] float64 of images [N, R, R, 1] in [-1, 1], times feature_scale.
+        Samples are clipped to [-1, 1] first, as they are when shown or saved."""
+        images = np.clip(np.asarray(images, np.float32), -1, 1)
         expected = (self.resolution, self.resolution, 1)
         if images.ndim != 4 or images.shape[1:] != expected:
             raise ValueError(f'digits metric at resolution {self.resolution} expects images [N, '

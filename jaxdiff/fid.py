@@ -227,3 +227,31 @@ def source_batches(source, batch_size, num_examples=None):
     total = source.num_examples if num_examples is None else min(num_examples, source.num_examples)
     for start in range(0, total, batch_size):
         yield source.get(np.arange(start, min(start + batch_size, total)))['image']
+
+
+def reference_statistics(feature_fn, source, batch_size, num_examples=None, cache_path=None, keep_features=False):
+    """((mu, sigma), features or None) of a finite data source's images (FID's reference set, e.g. CIFAR-10 train).
+
+    With `cache_path`, a file written before is read instead (an .npz with mu, sigma and, when it was written with
+    keep_features, 'features' float32), and a missing one is written after computing."""
+    if cache_path is not None and os.path.isfile(cache_path):
+        mu, sigma = load_statistics(cache_path)
+        with np.load(cache_path) as data:
+            features = np.asarray(data['features'], np.float64) if 'features' in data.files else None
+        if not keep_features or features is not None:
+            return (mu, sigma), features
+    stats, features = features_and_statistics(feature_fn, source_batches(source, batch_size, num_examples),
+                                              batch_size=batch_size, keep_features=keep_features)
+    if cache_path is not None:
+        extra = {'features': features.astype(np.float32)} if features is not None else {}
+        np.savez(cache_path, mu=stats.mean, sigma=stats.covariance, **extra)
+    return (stats.mean, stats.covariance), features
+
+
+def scores(stats, reference, features=None, reference_features=None, **kid_options):
+    """{'fid', 'num_samples'} and, when both feature sets are given, {'kid', 'kid_std'} (kid_options: num_subsets,
+    subset_size, seed of `kid`). stats: RunningStatistics of the samples; reference: RunningStatistics or (mu, sigma)."""
+    result = {'fid': frechet_distance(stats, reference), 'num_samples': stats.count}
+    if features is not None and reference_features is not None:
+        result['kid'], result['kid_std'] = kid(features, reference_features, **kid_options)
+    return result

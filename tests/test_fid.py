@@ -10,8 +10,10 @@ no download is needed; it compiles the full network once at batch 2 (slow: tens 
 import io
 import os
 
+import jax
 import numpy as np
 import pytest
+from flax.traverse_util import flatten_dict
 
 from jaxdiff import fid, metrics
 from jaxdiff.convert import inception as convert_inception
@@ -20,35 +22,9 @@ from jaxdiff.errors import UserError
 from jaxdiff.models import inception
 
 
-def random_pytorch_fid_state_dict(seed=0):
-    """pytorch-fid's state dict names and shapes (from the flax variables, inverse-mapped) with random values whose
-    activations stay O(1) through the 90+ layers: He-scaled kernels, BatchNorm statistics near the identity."""
-    rng = np.random.default_rng(seed)
-    state = {}
-    from flax import traverse_util
-    for collection, tree in inception.variable_shapes().items():
-        for path, shape in traverse_util.flatten_dict(tree).items():
-            name = convert_inception.torch_name(collection, path)
-            if path[-1] == 'kernel':
-                kh, kw, cin, cout = shape.shape
-                value = rng.normal(0, np.sqrt(2 / (kh * kw * cin)), (cout, cin, kh, kw))
-            elif path[-1] in ('scale', 'var'):
-                value = rng.uniform(0.5, 1.5, shape.shape)
-            else:
-                value = rng.uniform(-0.2, 0.2, shape.shape)
-            state[name] = value.astype(np.float32)
-    for name in list(state):
-        if name.endswith('bn.weight'):
-            state[name[:-len('weight')] + 'num_batches_tracked'] = np.array(7, np.int64)
-    state['fc.weight'] = rng.normal(0, 0.02, (1008, 2048)).astype(np.float32)
-    state['fc.bias'] = np.zeros(1008, np.float32)
-    return state
-
-
 def test_inception_variable_names_and_count():
     shapes = inception.variable_shapes()
-    names = {convert_inception.torch_name(c, p) for c, tree in shapes.items()
-             for p in __import__('flax').traverse_util.flatten_dict(tree)}
+    names = {convert_inception.torch_name(c, p) for c, tree in shapes.items() for p in flatten_dict(tree)}
     # A few literal names of pytorch-fid's FID Inception (torchvision's Inception3 layout).
     for name in ('Conv2d_1a_3x3.conv.weight', 'Conv2d_4a_3x3.bn.running_var', 'Mixed_5b.branch_pool.conv.weight',
                  'Mixed_6b.branch7x7dbl_5.bn.weight', 'Mixed_7a.branch7x7x3_4.conv.weight',
@@ -59,8 +35,8 @@ def test_inception_variable_names_and_count():
     assert params['Mixed_7c']['branch_pool']['conv']['kernel'].shape == (1, 1, 2048, 192)
     # 94 BasicConvs; 21,785,568 parameters in torchvision's Inception3 without fc and AuxLogits (23.8M - 2.05M fc
     # - the aux head), counting BatchNorm's scale and bias.
-    assert sum(1 for p in __import__('flax').traverse_util.flatten_dict(params) if p[-1] == 'kernel') == 94
-    assert sum(x.size for x in __import__('jax').tree_util.tree_leaves(params)) == 21_785_568
+    assert sum(1 for p in flatten_dict(params) if p[-1] == 'kernel') == 94
+    assert sum(x.size for x in jax.tree_util.tree_leaves(params)) == 21_785_568
 
 
 def test_torch_reader_reads_torch_save_zip_and_legacy(tmp_path):
@@ -101,7 +77,7 @@ def test_missing_weights_is_one_line_naming_file_and_url(tmp_path):
 
 
 def test_npz_weights_round_trip(tmp_path):
-    state = random_pytorch_fid_state_dict()
+    state = convert_inception.random_state_dict()
     path = tmp_path / 'weights.npz'
     np.savez(path, **state)
     variables = convert_inception.load(path)
@@ -134,7 +110,7 @@ def test_resize_matches_torch_bilinear():
 def test_inception_features_match_pytorch_fid(tmp_path, monkeypatch):  # slow: compiles Inception-v3 (batch 2)
     torch = pytest.importorskip('torch')
     pytorch_fid_inception = pytest.importorskip('pytorch_fid.inception')
-    state = random_pytorch_fid_state_dict()
+    state = convert_inception.random_state_dict()
     path = tmp_path / convert_inception.WEIGHTS_FILE
     torch.save({name: torch.from_numpy(value) for name, value in state.items()}, path)
     # pytorch-fid downloads its weights; hand it the file written above instead.
@@ -142,11 +118,13 @@ def test_inception_features_match_pytorch_fid(tmp_path, monkeypatch):  # slow: c
                         lambda *args, **kwargs: torch.load(path))
     reference = pytorch_fid_inception.InceptionV3([3]).eval()
 
-    images = np.random.default_rng(1).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+    # 8-bit images, as saved samples and data sets are: pytorch-fid reads u / 255, jaxdiff u / 127.5 - 1 (its
+    # uint8 quantization then changes nothing).
+    pixels = np.random.default_rng(1).integers(0, 256, (2, 32, 32, 3)).astype(np.float32)
     with torch.no_grad():
-        expected = reference(torch.from_numpy((images.transpose(0, 3, 1, 2) + 1) / 2))[0].numpy()[:, :, 0, 0]
-    feature_fn = fid.make_feature_fn(inception.InceptionV3(), convert_inception.load(path))
-    got = np.asarray(feature_fn(images))
+        expected = reference(torch.from_numpy(pixels.transpose(0, 3, 1, 2) / 255))[0].numpy()[:, :, 0, 0]
+    feature_fn = fid.inception_feature_fn(path)
+    got = np.asarray(feature_fn(pixels / 127.5 - 1))
     assert got.shape == (2, 2048)
     assert np.abs(expected).max() > 1e-2  # the random network is not degenerate
     assert np.abs(got - expected).max() <= 1e-4 * np.abs(expected).max()
@@ -235,3 +213,23 @@ def test_inception_input_quantizes_like_png_and_tiles_grey():
     assert out.shape == (1, 1, 5, 3)
     from jaxdiff import images as images_lib
     np.testing.assert_allclose(out[..., 0], images_lib.to_uint8(images)[..., 0] / 127.5 - 1, atol=1e-6)
+
+
+def test_reference_statistics_cache_and_scores(tmp_path):
+    from jaxdiff.data import digits
+    source = digits.Digits(shape=(8, 8, 1), split='test')
+    feature_fn = lambda images: np.asarray(images)[:, 2:6, 2:6].reshape(len(images), -1)   # central pixels
+    cache = tmp_path / 'reference.npz'
+    (mu, sigma), features = fid.reference_statistics(feature_fn, source, batch_size=100, cache_path=cache,
+                                                     keep_features=True)
+    np.testing.assert_allclose(sigma, np.cov(feature_fn(source.images), rowvar=False), atol=1e-12)
+    assert features.shape == (297, 16)
+    with np.load(cache) as written:
+        assert sorted(written.files) == ['features', 'mu', 'sigma']
+    (mu_again, _), features_again = fid.reference_statistics(None, source, 100, cache_path=cache, keep_features=True)
+    np.testing.assert_array_equal(mu_again, mu)   # read back, no feature_fn needed
+    np.testing.assert_allclose(features_again, features, rtol=1e-6)
+    stats = fid.RunningStatistics().update(features[:150])
+    result = fid.scores(stats, (mu, sigma), features[:150], features, num_subsets=4, subset_size=100)
+    assert result['num_samples'] == 150 and set(result) == {'fid', 'num_samples', 'kid', 'kid_std'}
+    assert result['fid'] == pytest.approx(metrics.frechet_distance(features[:150], features), rel=1e-9)

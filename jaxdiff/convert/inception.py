@@ -116,6 +116,30 @@ def load(path=None):
     return variables_from_state_dict(read_state_dict(path), origin=path)
 
 
+def random_state_dict(seed=0):
+    """A state dict with pytorch-fid's names and shapes and random values whose activations stay O(1) through the
+    network (He-scaled kernels, BatchNorm near the identity), plus its unused entries (num_batches_tracked, fc):
+    for tests and smoke runs without the real weights (`np.savez(path, **random_state_dict())`)."""
+    rng = np.random.default_rng(seed)
+    state = {}
+    for collection, tree in inception.variable_shapes().items():
+        for path, leaf in traverse_util.flatten_dict(tree).items():
+            name = torch_name(collection, path)
+            if path[-1] == 'kernel':
+                kh, kw, cin, cout = leaf.shape
+                value = rng.normal(0, np.sqrt(2 / (kh * kw * cin)), (cout, cin, kh, kw))
+            elif path[-1] in ('scale', 'var'):
+                value = rng.uniform(0.5, 1.5, leaf.shape)
+            else:
+                value = rng.uniform(-0.2, 0.2, leaf.shape)
+            state[name] = value.astype(np.float32)
+            if name.endswith('bn.weight'):
+                state[name[:-len('weight')] + 'num_batches_tracked'] = np.array(0, np.int64)
+    state['fc.weight'] = rng.normal(0, 0.02, (1008, inception.FEATURE_DIM)).astype(np.float32)
+    state['fc.bias'] = np.zeros(1008, np.float32)
+    return state
+
+
 def save_npz(variables, path):
     """Writes variables as an .npz with pytorch-fid's names and layouts (loadable by `load`)."""
     arrays = {}
