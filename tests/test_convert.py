@@ -172,6 +172,10 @@ def test_errors_name_the_problem(tmp_path):
         edm.load(tmp_path / 'absent.pkl')
     with pytest.raises(UserError, match='iDDPMPrecond'):
         edm.precond_loss('iDDPMPrecond', {})
+    garbage = tmp_path / 'garbage.pkl'
+    garbage.write_bytes(b'not a pickle at all')
+    with pytest.raises(UserError, match='not a readable EDM pickle'):
+        edm.load(garbage)
 
 
 def test_torch_saved_state_dict(tmp_path):

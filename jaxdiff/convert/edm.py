@@ -31,7 +31,9 @@ augmentation) is read from the names and shapes.
 import collections
 import dataclasses
 import os
+import pickle
 import re
+import zipfile
 
 import jax
 import jax.numpy as jnp
@@ -90,13 +92,18 @@ EDM_GLOBALS = {
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
     ('dnnlib.util', 'EasyDict'): EasyDict,
     ('torch', 'Size'): tuple,
-    ('torch', 'device'): lambda *args: 'device',
+    ('torch', 'device'): lambda *args: ':'.join(map(str, args)),
 }
 
 
 def read_pickle(path):
     """The object of an EDM pickle, persistent objects as PersistentObject, tensors as NumPy arrays."""
-    return torch_file.load_pickle(path, EDM_GLOBALS)
+    try:
+        return torch_file.load_pickle(path, EDM_GLOBALS)
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError) as error:
+        if isinstance(error, UserError):
+            raise
+        raise UserError(f'{path} is not a readable EDM pickle ({type(error).__name__}: {error})') from None
 
 
 def _state_of(node):
@@ -434,7 +441,7 @@ def load(path, precond=None, precond_constants=None, overrides=None):
                         '{cond,uncond}-{vp,ve}.pkl from its README, or a training run\'s network-snapshot-*.pkl)')
     info = {'source': path}
     overrides = dict(overrides or {})
-    if path.endswith('.pkl'):
+    if path.endswith('.pkl') and not zipfile.is_zipfile(path):
         obj = read_pickle(path)
         network, container = _network_of(obj, path)
         if network.class_name not in PARAMETERIZATION_OF:
