@@ -6,7 +6,7 @@ initial parameters on the same batches and noise, and writes both loss curves (C
 Model: configs/quickstart.py's DDPM++ shrunk for a shared CPU (--model_channels, one block per level, no
 attention; 16x16x1 digits, batch --batch). Each point is the mean training loss over --every steps (the loop's
 on-device accumulator, fetched every --every steps). The steps are `jaxdiff.train_step`'s (augmentation off, EDM
-loss, Adam with EDM's ramp, EMA), built by benchmarks/throughput.py's `build_step` with the precision policy.
+loss, Adam with EDM's ramp, EMA), built by `jaxdiff.bench.speed.train_step` with the precision policy.
 """
 import argparse
 import csv
@@ -17,10 +17,8 @@ import time
 import jax
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import throughput  # noqa: E402  (benchmarks/throughput.py: config loading and the policy-applied step)
-
-from jaxdiff import data as data_lib, mesh as mesh_lib, train_step  # noqa: E402
+from jaxdiff import data as data_lib, mesh as mesh_lib, train_step
+from jaxdiff.bench import speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,7 +39,7 @@ def curve(config, precision, steps, every, mesh):
     """[(step, mean loss over the last `every` steps)] of `steps` training steps at `precision`."""
     config = config.copy_and_resolve_references()
     config.training.precision = precision
-    setup, step, _ = throughput.build_step(config, mesh)
+    setup, step = speed.train_step(config, mesh)
     shape, batch_size, seed = tuple(config.data.shape), config.training.batch_size, config.training.seed
     # the same initial parameters for every precision: they are float32 whatever the compute dtype
     state = jax.device_put(train_step.init_state(setup.modules, setup.optimizer, shape, train_step.root_keys(seed)[0]),
@@ -62,7 +60,7 @@ def curve(config, precision, steps, every, mesh):
 
 def main(argv=None):
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    config = throughput.load_config(os.path.join(ROOT, 'configs', 'quickstart.py'))
+    config = speed.load_config(os.path.join(ROOT, 'configs', 'quickstart.py'))
     config.model = dict(name='ddpmpp', model_channels=args.model_channels, channel_mult=(1, 2), num_blocks=1,
                         attn_resolutions=(), dropout=0.0, augment_dim=0, label_dim=0)
     config.training.batch_size = args.batch

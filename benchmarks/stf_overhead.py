@@ -7,7 +7,7 @@ Part 1: `stf.target` at batch 64, CIFAR-10 shapes (32x32x3), R in --reference_si
 jitted call and XLA's compiled memory analysis (temporary bytes), for the matmul form in one chunk and in chunks
 of --chunk_size rows, next to the authors' broadcast form (B x R x D differences; Newbeeer/stf, training/loss.py),
 whose memory is read from the compiled program without running it when it would not fit (--naive_run_limit_gib).
-Part 2: the real training step (`jaxdiff.train`: augmentation, loss, grads, Adam, EMA) of configs/cifar_stf.py
+Part 2: the real training step (`jaxdiff.train_step`: augmentation, loss, grads, Adam, EMA) of configs/cifar_stf.py
 with loss.target='x0' and with 'stf' at the same model, batch and devices, on synthetic images; prints both step
 times and their ratio. The issue's goal is <= 3 % extra for DDPM++ on a GPU; on a CPU the tiny model makes the
 ratio a worst case.
@@ -21,20 +21,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxdiff import stf
+from jaxdiff.bench import speed
+from jaxdiff.bench.speed import median_time, temp_bytes
 
 SHAPE = (32, 32, 3)
 GIB = 2 ** 30
-
-
-def median_time(fn, *args, repeats):
-    """Median seconds of fn(*args) (already compiled), each call waited on."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def broadcast_target(x_noisy, sigma, reference):
@@ -44,11 +35,6 @@ def broadcast_target(x_noisy, sigma, reference):
     logits = -jnp.sum((x[:, None] - y[None]) ** 2, axis=-1) / (2 * sigma[:, None] ** 2)
     w = jax.nn.softmax(logits, axis=1)[:, :, None]
     return jnp.sum(w * jnp.broadcast_to(y[None], (len(x),) + y.shape), axis=1).reshape(x_noisy.shape)
-
-
-def temp_bytes(compiled):
-    analysis = compiled.memory_analysis()
-    return None if analysis is None else analysis.temp_size_in_bytes
 
 
 def part_target(batch_size, reference_sizes, chunk_size, repeats, naive_run_limit_gib):
@@ -86,12 +72,12 @@ def part_step(model_size, batch_size, reference_size, repeats):
     mesh = mesh_lib.make_mesh()
     rng = np.random.default_rng(0)
     images = rng.uniform(-1, 1, (batch_size + reference_size, *SHAPE)).astype(np.float32)
-    print(f'\n== training step, {model_size} {config.model.name}, batch {batch_size}, augment_p '
-          f'{config.data.augment_p}, {mesh.devices.size} x {jax.devices()[0].platform} ==')
+    print(f'\n== training step, {model_size} {config.model.name}, batch {batch_size}, augment p '
+          f'{config.augment.p}, {mesh.devices.size} x {jax.devices()[0].platform} ==')
     runs = {}
     for target in ('x0', 'stf'):
         config.loss.target = target
-        setup = train_step.build(config)
+        setup, step = speed.train_step(config, mesh)
         setup.loss.check(batch_size=config.training.batch_size, num_devices=mesh.devices.size)
         state = jax.jit(lambda key: train_step.init_state(setup.modules, setup.optimizer, SHAPE, key),
                         out_shardings=mesh_lib.replicated(mesh))(jax.random.key(0))
@@ -99,7 +85,6 @@ def part_step(model_size, batch_size, reference_size, repeats):
         if target == 'stf':
             local['reference_extra'] = images[batch_size:]
         batch = mesh_lib.global_batch(local, mesh)
-        step = train_step.Jit(mesh).compile(setup.train_step)
         state, metrics = step(state, train_step.zero_metrics(), batch)         # compile
         jax.block_until_ready(state)
         runs[target] = [step, state, metrics, batch]

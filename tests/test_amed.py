@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from jaxdiff import amed_train as T
-from jaxdiff import analytic, config_files, samplers, schedules
+from jaxdiff import config_files, samplers, schedules
+from jaxdiff.bench import problems
 from jaxdiff.errors import UserError
 from jaxdiff.models.amed_predictor import AMEDPredictor
 from jaxdiff.samplers import amed as A
@@ -16,9 +17,8 @@ SHAPE = (4, 4, 3)
 
 
 def _mixture(dtype=jnp.float32):
-    rng = np.random.default_rng(0)
-    return analytic.GaussianMixture(jnp.asarray(rng.normal(size=(3,) + SHAPE), dtype),
-                                    jnp.asarray([0.2, 0.3, 0.1], dtype), jnp.asarray([0.5, 0.3, 0.2], dtype))
+    """Three Gaussians of 4x4x3 images (the truth problem 'mixture_4x4x3'), exact denoiser in `dtype`."""
+    return problems.get('mixture_4x4x3').target(dtype)
 
 
 def _x_T(sigma_max, batch=8, seed=1, dtype=jnp.float32):

@@ -7,6 +7,7 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import analytic, samplers, schedules
+from jaxdiff.bench import problems
 from jaxdiff.samplers import common, ddim as ddim_module, multistep
 
 FIXED_GRID = [('euler', {}), ('heun', {}), ('heun', {'s_churn': 5.0}), ('dpm2', {}), ('dpmpp_2m', {}),
@@ -15,10 +16,9 @@ FIXED_GRID = [('euler', {}), ('heun', {}), ('heun', {'s_churn': 5.0}), ('dpm2', 
 KEY = jax.random.PRNGKey(7)
 
 
-def _gmm(dtype=jnp.float32, d=4):
-    rng = np.random.default_rng(0)
-    return analytic.GaussianMixture(jnp.asarray(rng.normal(size=(3, d)) * 2, dtype),
-                                    jnp.asarray([0.3, 0.5, 0.2], dtype), jnp.asarray([0.2, 0.3, 0.5], dtype))
+def _gmm(dtype=jnp.float32):
+    """Three overlapping Gaussians in 4-D (the truth problem 'mixture_4d'), exact denoiser in `dtype`."""
+    return problems.get('mixture_4d').target(dtype)
 
 
 def _x_T(n=8, d=4, sigma=80.0, dtype=jnp.float32):
