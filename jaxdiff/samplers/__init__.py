@@ -2,6 +2,8 @@
 
 Every sampler returns `(x0, info)` with `info['nfe']` the denoiser calls per sample and, when asked,
 `info['trajectory']` of shape [len(sigmas), B, ...] (x at every grid point, x_T first). See SPEC.md.
+Every sampler also declares its cost and order (`common.Sampler`): `sampler.nfe(num_points, ends_at_zero=True)`,
+`sampler.num_points_for(nfe, ends_at_zero=True)` (num_points = len(sigmas)) and `sampler.order`.
 
 A sampler module registers factories lazily: this table maps each public name to `module:factory`, so a
 missing optional dependency of one family never breaks the others. A factory takes the options as keyword
@@ -13,6 +15,7 @@ import inspect
 _REGISTRY = {
     'euler': 'ode:euler',
     'heun': 'ode:heun',
+    'heun_dg': 'guided:heun_dg',
     'dpm2': 'ode:dpm2',
     'dpmpp_2m': 'multistep:dpmpp_2m',
     'dpmpp_3m': 'multistep:dpmpp_3m',
