@@ -11,13 +11,20 @@ line saying which and why, for the newest one that reads; none is ever deleted. 
 other shapes than the config's model is not skipped (every older one would disagree too): that is a one-line
 error naming the array and both shapes.
 """
+import contextlib
 import os
+import re
 import sys
+import tempfile
+import time
 
 import jax
 import orbax.checkpoint as ocp
 
 from jaxdiff.errors import UserError
+
+
+ITEMS = ('state', 'ema')
 
 
 def directory_of(workdir):
@@ -31,7 +38,9 @@ class Checkpoints:
         self.directory = directory_of(workdir)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=not read_only,
                                                read_only=read_only)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        # handlers named up front, so the items' metadata (shapes) can be read before restoring
+        handlers = {item: ocp.StandardCheckpointHandler() for item in ITEMS}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -40,7 +49,7 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step, state, *, force=True, **items):
-        """Saves `state` (item 'state') and any other named `items` (e.g. ema=...) as step `step`."""
+        """Saves `state` (item 'state') and the other named `items` of ITEMS (ema=...) as step `step`."""
         args = {'state': ocp.args.StandardSave(state),
                 **{name: ocp.args.StandardSave(item) for name, item in items.items()}}
         return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
@@ -55,7 +64,9 @@ class Checkpoints:
         if mismatch:
             raise ShapeMismatch(f'checkpoint {path} was written by another model: {mismatch}')
         try:
-            restored = self.manager.restore(step, args=ocp.args.Composite(**{item: ocp.args.StandardRestore(abstract)}))
+            with without_closed_loop_reports():
+                restored = self.manager.restore(step, args=ocp.args.Composite(
+                    **{item: ocp.args.StandardRestore(abstract)}))
         except Exception as e:  # orbax raises many types; the user needs the path and the first line
             raise Unreadable(f'cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}') from e
         return restored[item]
@@ -63,7 +74,8 @@ class Checkpoints:
     def _shape_mismatch(self, step, item, abstract):
         """'array A has shape S in the checkpoint, T in the config' for the first differing array, else None."""
         try:
-            metadata = self.manager.item_metadata(step)[item]
+            with without_closed_loop_reports():
+                metadata = self.manager.item_metadata(step)[item]
             saved = {_path_name(p): tuple(leaf.shape) for p, leaf in
                      jax.tree_util.tree_flatten_with_path(metadata)[0] if hasattr(leaf, 'shape')}
         except Exception:   # unreadable metadata: let the restore report it
@@ -128,6 +140,39 @@ def restore_latest(workdir, abstract, *, item='state', log=None, set_aside=False
                         f'none of the {len(errors)} checkpoints in {directory} reads; newest: {errors[0]}')
     finally:
         checkpoints.close()
+
+
+@contextlib.contextmanager
+def without_closed_loop_reports():
+    """stderr (file descriptor 2) captured while a restore runs and written back afterwards, less the tracebacks
+    'RuntimeError: Event loop is closed' that TensorStore's reader threads print when orbax has given up on a
+    corrupt checkpoint while other reads of it were still in flight (they arrive late: wait for them)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile(mode='w+b') as captured:
+        os.dup2(captured.fileno(), 2)
+        failed = True
+        try:
+            yield
+            failed = False
+        finally:
+            if failed:   # late reports: wait until the captured output has been quiet for a second (<= 10 s)
+                size, quiet_since, start = -1, time.monotonic(), time.monotonic()
+                while time.monotonic() - quiet_since < 1.0 and time.monotonic() - start < 10.0:
+                    time.sleep(0.1)
+                    now_size = os.fstat(captured.fileno()).st_size
+                    if now_size != size:
+                        size, quiet_since = now_size, time.monotonic()
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode(errors='replace')
+            kept = re.sub(r'Traceback \(most recent call last\):\n(?:[ \t].*\n)*RuntimeError: Event loop is closed\n?',
+                          '', text)
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
 
 
 def _set_aside(workdir, path):

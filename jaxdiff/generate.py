@@ -19,9 +19,11 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jaxdiff import checkpoint as checkpoint_lib
-from jaxdiff import losses, mesh as mesh_lib, models, precision, samplers, schedules, train_step
+from jaxdiff import discriminator_training, losses, mesh as mesh_lib, models, precision, samplers, schedules
+from jaxdiff import train_step
 from jaxdiff.denoiser import Denoiser
 from jaxdiff.errors import UserError
+from jaxdiff.progress import Progress
 
 
 def _options(section, name):
@@ -91,12 +93,16 @@ class Generator:
     Batch i starts from x_T = sigmas[0] * N(0, I) drawn from fold_in(key(seed), i) (SPEC.md), so samples do not
     depend on the device count; one compiled function serves every batch. A class-conditional model gets
     config.sampling.class_label, or random labels when it is None. `wrap(denoiser) -> denoiser` (e.g. guidance)
-    is applied to the model's denoiser.
+    is applied to the model's denoiser. progress: a name, to show a progress line (jaxdiff.progress) while
+    sampling more than one batch.
     """
 
     def __init__(self, config, denoiser_fn, mesh, *, wrap=None, progress=None):
         s = config.sampling
         self.sampler, self.sigmas = sampler_from_config(s)
+        if wrap is None:   # config.sampling.guidance: discriminator guidance (and its sampler), or nothing
+            wrap, self.sampler = discriminator_training.guidance_from_config(config, mesh, self.sampler, self.sigmas)
+        self.guidance_calls = None   # discriminator-gradient calls per sample, when the sampler reports them
         self.batch_size = s.batch_size
         self.nfe = None  # denoiser calls per sample, as the sampler reports it (known after the first call)
         self.progress = progress
@@ -125,22 +131,28 @@ class Generator:
                 denoiser = wrap(denoiser, variables, class_labels)
             x0, info = sampler(denoiser, x_T, sigmas, key=sampler_key)
             labels = jnp.zeros((self.batch_size,), jnp.int32) if labels is None else labels
-            return x0, labels, jnp.asarray(info['nfe'], jnp.int32)
+            return x0, labels, jnp.asarray(info['nfe'], jnp.int32), jnp.asarray(info.get('guidance_calls', -1),
+                                                                                jnp.int32)
 
         self._generate = jax.jit(precision.with_matmul_precision(generate, precision.from_config(config)),
-                                 out_shardings=(sharding, sharding, mesh_lib.replicated(mesh)))
+                                 out_shardings=(sharding, sharding, mesh_lib.replicated(mesh),
+                                                mesh_lib.replicated(mesh)))
         self.labels = None
 
     def __call__(self, variables, num_samples, *, first_batch=0):
         """num_samples samples from batches first_batch, first_batch + 1, ...; their labels in self.labels."""
         batches, labels = [], []
         num_batches = math.ceil(num_samples / self.batch_size)
-        for i, index in enumerate(range(first_batch, first_batch + num_batches)):
-            x0, label, nfe = self._generate(variables, jax.device_put(np.int32(index)))
+        progress = Progress(self.progress, total=num_samples, unit='samples',
+                            enabled=bool(self.progress) and num_batches > 1 and jax.process_index() == 0)
+        for index in range(first_batch, first_batch + num_batches):
+            x0, label, nfe, guidance_calls = self._generate(variables, jax.device_put(np.int32(index)))
             batches.append(np.asarray(multihost_utils.process_allgather(x0, tiled=True)))
             labels.append(np.asarray(multihost_utils.process_allgather(label, tiled=True)))
             self.nfe = int(jax.device_get(nfe))
-            if self.progress is not None:
-                self.progress(min((i + 1) * self.batch_size, num_samples), num_samples)
+            calls = int(jax.device_get(guidance_calls))
+            self.guidance_calls = calls if calls >= 0 else None
+            progress.update(min(self.batch_size, num_samples - progress.count))
+        progress.close()
         self.labels = np.concatenate(labels)[:num_samples]
         return np.concatenate(batches)[:num_samples]

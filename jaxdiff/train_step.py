@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxdiff import augment as augment_lib
 from jaxdiff import checkpoint as checkpoint_lib
@@ -272,22 +273,27 @@ class Pmap:
             raise ValueError("training.parallelism='pmap' runs on one host; use 'jit' on several")
         self.mesh = mesh
         self.devices = list(mesh.devices.flat)
+        # pmap's own layout: a leading axis split over the devices
+        self.sharding = NamedSharding(Mesh(np.asarray(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
 
     def compile(self, fn, donate=True):
         return jax.pmap(fn, axis_name=PMAP_AXIS, devices=self.devices, donate_argnums=(0, 1) if donate else ())
 
     def put_state(self, tree):
-        return jax.device_put_replicated(tree, self.devices)
+        """The tree with a leading device axis (pmap's input layout), one copy per device."""
+        n = len(self.devices)
+        copies = lambda x: np.broadcast_to(np.asarray(jax.device_get(x)), (n, *np.shape(x)))
+        return jax.tree.map(lambda x: jax.device_put(copies(x), self.sharding), tree)
 
     def get_state(self, tree):
         """The state of device 0 (all devices hold the same), as ordinary arrays."""
         return jax.tree.map(lambda x: x[0], tree)
 
     def put_batch(self, local_batch):
+        """[B, ...] -> [num_devices, B / num_devices, ...] (pmap splits the leading axis over the devices)."""
         n = len(self.devices)
-        split = lambda x: np.asarray(x).reshape(n, x.shape[0] // n, *x.shape[1:])
-        return jax.device_put_sharded([jax.tree.map(lambda x: split(x)[i], local_batch) for i in range(n)],
-                                      self.devices)
+        return {name: jax.device_put(np.asarray(x).reshape(n, x.shape[0] // n, *x.shape[1:]), self.sharding)
+                for name, x in local_batch.items()}
 
     def jit_replicated(self, fn):
         return lambda *args: self.put_state(jax.jit(fn)(*args))

@@ -27,12 +27,15 @@ def assert_clean(result):
     assert 'Traceback' not in result.stderr, result.stderr[-3000:]
 
 
-def truncate_largest_array_file(step_dir):
-    files = [f for f in glob.glob(os.path.join(step_dir, 'state', '**', '*'), recursive=True) if os.path.isfile(f)]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, 'r+b') as f:
-        f.truncate(os.path.getsize(largest) // 2)
-    return largest
+def truncate_largest_array_files(step_dir):
+    """Truncates the largest array-data file (orbax's ocdbt `d/` files) of each item ('state' for resuming, 'ema'
+    for sampling) to half its size."""
+    for item in ('state', 'ema'):
+        files = [f for f in glob.glob(os.path.join(step_dir, item, '**', 'd', '*'), recursive=True)
+                 if os.path.isfile(f)]
+        largest = max(files, key=os.path.getsize)
+        with open(largest, 'r+b') as f:
+            f.truncate(os.path.getsize(largest) // 2)
 
 
 @pytest.fixture(scope='module')
@@ -47,7 +50,7 @@ def trained(tmp_path_factory):
 def test_corrupt_newest_checkpoint_is_skipped_and_kept(tmp_path, trained):
     workdir = tmp_path / 'w'
     subprocess.run(['cp', '-r', str(trained), str(workdir)], check=True)
-    truncate_largest_array_file(str(workdir / 'checkpoints' / '8'))
+    truncate_largest_array_files(str(workdir / 'checkpoints' / '8'))
     sampled = run_main(*TINY, f'--workdir={workdir}', '--mode=sample')
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert_clean(sampled)

@@ -23,12 +23,14 @@ def run(config, workdir):
     mesh = mesh_lib.make_mesh()
     generate.sampler_from_config(config.sampling)    # a bad sampler option fails before the checkpoint is read
     trained = generate.restore(config, workdir, mesh)
-    generator = generate.Generator(config, trained.denoiser_fn, mesh)
+    generator = generate.Generator(config, trained.denoiser_fn, mesh, progress='sampling')
     samples = generator(trained.variables, config.sampling.num_samples)
     if jax.process_index() == 0:
         npz = images.save_npz(os.path.join(workdir, 'samples.npz'), samples=samples, labels=generator.labels,
                               sigmas=np.asarray(generator.sigmas), nfe=generator.nfe, step=trained.step)
         png = images.save_png(os.path.join(workdir, 'samples.png'), samples)
+        guided = '' if generator.guidance_calls is None else (
+            f', {generator.guidance_calls} discriminator-gradient calls')
         print(f'{len(samples)} samples from checkpoint step {trained.step} ({config.sampling.sampler}, '
-              f'{generator.nfe} NFE): {npz}, {png}', flush=True)
+              f'{generator.nfe} NFE{guided}): {npz}, {png}', flush=True)
     return samples

@@ -140,9 +140,11 @@ def run(config, workdir, *, source=None, devices=None):
     num_steps = train_step_lib.total_steps(config)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
-        checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=t.keep_checkpoints)
+        with checkpoint_lib.without_closed_loop_reports():   # a corrupt step makes orbax's readers complain
+            checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=t.keep_checkpoints)
+            state = _initial_state(config, workdir, setup, parallel, mesh, checkpoints)
         try:
-            return _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps, is_main)
+            return _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps, is_main, state)
         finally:
             checkpoints.wait_until_finished()
             checkpoints.close()
@@ -160,9 +162,8 @@ def _initial_state(config, workdir, setup, parallel, mesh, checkpoints):
     return parallel.put_state(init(train_step_lib.root_keys(config.training.seed)[0]))
 
 
-def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps, is_main):
+def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps, is_main, state):
     t = config.training
-    state = _initial_state(config, workdir, setup, parallel, mesh, checkpoints)
     start = int(jax.device_get(parallel.get_state(state).step))
     num_params = sum(x.size for x in jax.tree.leaves(parallel.get_state(state).params))
     print(f'training {num_params:,} parameters for steps {start}..{num_steps} (batch {t.batch_size} on '

@@ -12,6 +12,7 @@ initial step-size guess; counted with a callback for Tsit5 and Dopri5 at three t
 """
 import diffrax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.samplers import common
 
@@ -50,11 +51,11 @@ def adaptive(*, solver='tsit5', rtol=1e-5, atol=1e-5, max_steps=4096, denoise_to
 
     def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
         del key
-        x_T, sigmas = common.prepare('adaptive', x_T, sigmas)
         if not common.is_concrete(sigmas):
             raise ValueError('sampler \'adaptive\' needs a concrete sigma grid (pass it as a static value, not '
                              'through jit arguments): whether it ends at 0 decides the solve interval')
-        ends_at_zero = float(sigmas[-1]) == 0.0
+        ends_at_zero = float(np.asarray(sigmas)[-1]) == 0.0   # read before any jnp op (under jit those trace)
+        x_T, sigmas = common.prepare('adaptive', x_T, sigmas)
         positive = sigmas[:-1] if ends_at_zero else sigmas
         if positive.shape[0] < 2:
             raise ValueError('sampler \'adaptive\' needs at least two positive grid points (start and end)')

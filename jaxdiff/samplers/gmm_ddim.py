@@ -189,6 +189,30 @@ def exact_noise(z, sigma_up, c_s, basis, eigvecs, eigvals):
     return sigma_up * z + jnp.einsum('bij,bj->bi', eigvecs, a * coeffs) @ basis.T
 
 
+DEFAULT_NUM_COMPONENTS = 8
+
+
+def _gmm_ddim_for_dimension(*, weights, variant, **options):
+    """gmm_ddim with K chosen from the data when the sampler first runs (num_components=None)."""
+    built = {}
+
+    def for_dim(dim):
+        if dim not in built:
+            k = len(weights) if weights is not None else DEFAULT_NUM_COMPONENTS
+            if variant != 'rand':
+                k = max(2, min(k, dim)) if weights is None else k
+            built[dim] = gmm_ddim(num_components=k, weights=weights, variant=variant, **options)
+        return built[dim]
+
+    probe = gmm_ddim(num_components=2, weights=None, variant=variant, **options)   # checks the other options
+
+    def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
+        return for_dim(int(np.prod(np.shape(x_T)[1:])))(denoiser, x_T, sigmas, key=key,
+                                                         return_trajectory=return_trajectory)
+    return common.Sampler('gmm_ddim', sampler, cost=probe.cost, order=probe.order,
+                          options=dict(probe.options, num_components=None, weights=weights))
+
+
 def _check_options(eta, variant, num_components, scale, weights, delta_form, covariance, vub_coordinates):
     if not (isinstance(eta, (int, float, np.integer, np.floating)) and 0 <= eta <= 1):
         raise ValueError(f'gmm_ddim: eta must be a number in [0, 1], got {eta!r}')
@@ -210,12 +234,18 @@ def _check_options(eta, variant, num_components, scale, weights, delta_form, cov
     return weights / weights.sum()
 
 
-def gmm_ddim(*, eta=0.0, variant='ortho', num_components=8, scale=1.0, weights=None, delta_form='shared',
+def gmm_ddim(*, eta=0.0, variant='ortho', num_components=None, scale=1.0, weights=None, delta_form='shared',
              covariance='diagonal', vub_coordinates='largest', last_step_offsets=False, offsets_seed=None):
     """GMM-DDIM sampler (module docstring): K = `num_components`, pi = `weights` (None: uniform), s = `scale`.
+    num_components None: 8 (the number of `weights` when given), or the data dimension D when that is smaller and
+    the variant's orthogonal offsets need K <= D (2-D data: K = 2).
     One denoiser call per step (NFE = ddim's). Needs a key unless eta = 0 and scale = 0 (then it is ddim).
     With eta = 0 it is stochastic through the offsets only and does not match DDPM's second moments exactly;
     exact moment matching needs eta > 0, a non-VUB variant, covariance='exact' and no clipping."""
+    if num_components is None:
+        return _gmm_ddim_for_dimension(eta=eta, variant=variant, scale=scale, weights=weights, delta_form=delta_form,
+                                       covariance=covariance, vub_coordinates=vub_coordinates,
+                                       last_step_offsets=last_step_offsets, offsets_seed=offsets_seed)
     options = dict(eta=eta, variant=variant, num_components=num_components, scale=scale, weights=weights,
                    delta_form=delta_form, covariance=covariance, vub_coordinates=vub_coordinates,
                    last_step_offsets=last_step_offsets, offsets_seed=offsets_seed)
