@@ -1,7 +1,7 @@
 """Truth benchmark of the fixed-grid solvers (configs/bench_solvers.py holds the command).
 
 For each truth problem (`bench.problems`: by default a 2-D Gaussian mixture, a 16x16 Gaussian mixture with
-well-separated modes, the empirical distribution of scikit-learn's digits), every solver runs from the same x_T on EDM
+well-separated modes, an overlapping 4-D mixture, the empirical distribution of scikit-learn's digits), every solver runs from the same x_T on EDM
 grids whose length gives exactly the requested NFE (`sampler.num_points_for(nfe)`, the sampler's own declaration,
 checked against the `info['nfe']` of the run; NFE that no grid reaches are skipped) and is scored by
   - rmse: endpoint RMSE against a float64 adaptive reference solve of the same ODE from the same x_T
