@@ -22,6 +22,9 @@ Public API:
         authors' choice) and optionally boosts; info['guidance_calls'] beside info['nfe'].
     count_guidance_calls(sampler, guided, x_T, sigmas, key=None) -> (x0, info) with info['guidance_calls']
         for any sampler: counts the discriminator-gradient evaluations the run really made.
+    window_calls(sampler, sample_shape, sigmas, sigma_min, sigma_max, key=None) -> int
+        the discriminator-gradient evaluations per batch of a sampler whose evaluation points do not depend on x
+        (every fixed-grid sampler), counted on a one-example probe: what a sampler reports beside its NFE.
     clipped_log_ratio(logit, eps=1e-5): log r of d clipped to [eps, 1 - eps], as the authors compute it.
 
 Why a Heun-specific sampler and not a wrapper: a denoiser D(x, sigma) cannot know which evaluation of a step it
@@ -227,3 +230,15 @@ def count_guidance_calls(sampler, guided, x_T, sigmas, key=None):
     jax.block_until_ready(x0)
     jax.effects_barrier()
     return x0, dict(info, guidance_calls=count[0])
+
+
+def window_calls(sampler, sample_shape, sigmas, sigma_min=0.0, sigma_max=float('inf'), key=None):
+    """Discriminator-gradient evaluations that `sampler` makes on the grid `sigmas` with guidance inside
+    [sigma_min, sigma_max], counted by `count_guidance_calls` on a probe: one example of `sample_shape`, a zero
+    denoiser and a zero logit. Exact for every sampler whose evaluation points do not depend on x (the fixed-grid
+    ones, churn included), which is all but a sampler that picks its own steps."""
+    probe = GuidedDenoiser(lambda x, sigma: jnp.zeros_like(x), lambda x, sigma: jnp.zeros(x.shape[:1], x.dtype),
+                           1.0, sigma_min, sigma_max)
+    x_T = jnp.zeros((1, *sample_shape), jnp.float32)
+    key = jax.random.key(0) if key is None else key
+    return count_guidance_calls(sampler, probe, x_T, jnp.asarray(sigmas, jnp.float32), key=key)[1]['guidance_calls']

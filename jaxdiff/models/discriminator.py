@@ -16,8 +16,10 @@ reads its logit log(d / (1 - d)) (`jaxdiff.guidance`). Both networks here return
                      embedding, a residual SiLU MLP, one logit.
 
 The features must not be cut from x by stop_gradient: guidance differentiates the logit with respect to x through
-the frozen feature network (frozen = its parameters are not trained). `make_logit_fn` composes the pieces.
+the frozen feature network (frozen = its parameters are not trained). `make_logit_fn` composes the pieces;
+`build(name, **fields)` makes one from a config (NETWORKS: 'head', 'mlp').
 """
+import dataclasses
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -163,3 +165,24 @@ def make_logit_fn(apply_fn: Callable, params, features_fn: Optional[Callable] = 
         inputs = x if features_fn is None else features_fn(x, sigma)
         return apply_fn({'params': params}, inputs, sigma, class_labels=class_labels)
     return logit_fn
+
+
+NETWORKS = {'head': DiscriminatorHead, 'mlp': MLPDiscriminator}
+
+
+def build(name, **fields):
+    """NETWORKS[name](**fields), validated; an unknown name or field is a ValueError listing the valid ones
+    (config.discriminator.network = dict(name=..., <fields>))."""
+    if name not in NETWORKS:
+        raise ValueError(f'unknown discriminator network {name!r}; valid: {", ".join(sorted(NETWORKS))}')
+    cls = NETWORKS[name]
+    valid = [f.name for f in dataclasses.fields(cls) if f.name not in ('parent', 'name')]
+    unknown = sorted(set(fields) - set(valid))
+    if unknown:
+        raise ValueError(f'discriminator network {name!r} has no field(s) {", ".join(unknown)}; valid fields: '
+                         f'{", ".join(valid)}')
+    if 'dtype' in fields:
+        fields = dict(fields, dtype=jnp.dtype(fields['dtype']))
+    network = cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+    network.validate()
+    return network
