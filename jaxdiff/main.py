@@ -24,6 +24,7 @@ MODES = {
     'summary': 'jaxdiff.modes.summary:run',
     'bench': 'jaxdiff.modes.bench:run',
     'train_amed': 'jaxdiff.modes.train_amed:run',
+    'train_discriminator': 'jaxdiff.modes.train_discriminator:run',
 }
 OPEN_SECTIONS = ('sampling.sampler_options', 'sampling.schedule_options')
 
