@@ -9,7 +9,7 @@ the batch size B, each pair used once, and only then is sigma drawn per sample. 
 parameterization / target): x = y + sigma z_perm.
 
     pool k     data rows [k P, (k + 1) P) of stream 0: exactly the minibatches of steps k P/B, ..., (k + 1) P/B - 1,
-               so the data order is the one without AOT
+               so a finite data set is read in the order of a run without AOT (synthetic sets draw the pool fresh)
     refresh    y = augment(pool), z ~ N(0, I) [P, ...], perm = assign(y, z[, per class]): once per pool, keyed by
                fold_in(refresh key, k), on all P images of all devices (one global assignment; the authors solve one
                per GPU), so a run resumed in the middle of a pool rebuilds the same pool bit for bit
@@ -24,7 +24,8 @@ assignment per class label inside the pool, so noise never pairs across classes:
 class-conditional model; set it together with model.label_dim).
 
 Unlike the authors' code: augmentation off works (the images are paired unaugmented), P must be a multiple of B
-(no pool image is dropped), and the pool is rebuilt exactly on resume. Pure: jax and jaxdiff.coupling only.
+(no pool image is dropped), and the pool is rebuilt exactly on resume. Pure: jax, jaxdiff.coupling and the
+losses' Rows / Hooks.
 """
 import jax
 import jax.numpy as jnp
