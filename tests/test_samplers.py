@@ -169,7 +169,7 @@ def test_observed_global_order_on_a_short_interval():
         for name, options, single_step in (('euler', {}, True), ('heun', {}, True), ('dpm2', {}, True),
                                            ('dpm2', {'r': 0.3}, True), ('dpmpp_2m', {}, False),
                                            ('dpmpp_3m', {}, False), ('dpmpp_3m', {'form': 'third_order'}, False),
-                                           ('ipndm', {}, False)):
+                                           ('ipndm', {}, False), ('heun', {'afs': True}, True)):
             sampler = samplers.get(name, **options)
             errors = [float(jnp.linalg.norm(sampler(gmm.denoiser, x, jnp.geomspace(2.0, 0.5, n + 1))[0] - truth))
                       for n in counts]

@@ -127,11 +127,16 @@ class Sampler:
 
     `info['nfe']` of a run is `cost.of_grid(sigmas)`, the same declaration; tests count the calls. `order` is that of
     the update from full history on a smooth ODE (warm-start steps of multistep methods and the first-order step
-    into sigma = 0 not counted); None where it does not apply (stochastic samplers, a learned AMED predictor).
+    into sigma = 0 not counted; at most 1 with AFS); None where it does not apply (stochastic samplers, a learned
+    AMED predictor).
     A sampler that chooses its own steps (adaptive) has cost None: its NFE is known only from info['nfe'].
     """
 
     def __init__(self, name, run, *, cost, order, options):
+        if order is not None and options.get('afs'):
+            # AFS replaces the first direction by x / sqrt(1 + sigma^2), off by O(|D| / sigma) over a whole step:
+            # a first-order error term, whatever the order of the other steps
+            order = min(order, 1)
         self.name, self._run, self.cost, self.order, self.options = name, run, cost, order, dict(options)
 
     def __call__(self, denoiser, x_T, sigmas, key=None, return_trajectory=False):
