@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import amed_train as T
-from jaxdiff import config_files, samplers, schedules
+from jaxdiff import analytic, config_files, samplers, schedules
 from jaxdiff.bench import problems
 from jaxdiff.errors import UserError
 from jaxdiff.models.amed_predictor import AMEDPredictor
@@ -83,6 +83,22 @@ def test_plugin_without_predictor_is_its_base_on_the_interleaved_grid(base):
     out, info = samplers.get('amed', base=base)(gmm.denoiser, x_T, sigmas)
     ref, ref_info = samplers.get(base)(gmm.denoiser, x_T, interleaved)
     assert _rel(out, ref) < 1e-5 and info['nfe'] == ref_info['nfe'] == len(interleaved) - 1
+
+
+def test_declared_order_without_predictor_on_a_short_interval(x64):
+    """predictor=None: the observed global order of each base on the interleaved grid is the declared one."""
+    gmm = problems.get('mixture_4d').target(jnp.float64)
+    x = jax.random.normal(jax.random.PRNGKey(3), (16, 4), jnp.float64) * 2.5
+    truth = analytic.reference_solve(gmm.denoiser, x, 2.0, 0.5, rtol=1e-12, atol=1e-12)
+    counts = np.array([8, 16, 32])
+    for base in (None, 'euler', 'ipndm', 'dpmpp_2m'):
+        sampler = samplers.get('amed', base=base)
+        errors = [float(jnp.linalg.norm(sampler(gmm.denoiser, x, jnp.geomspace(2.0, 0.5, n + 1))[0] - truth))
+                  for n in counts]
+        slope = -np.polyfit(np.log(counts), np.log(errors), 1)[0]
+        assert abs(slope - sampler.order) <= 0.3, (base, slope, errors)
+    assert samplers.get('amed', predictor=A.constant_predictor(r=0.4)).order is None
+    assert samplers.get('amed', afs=True).order == 1
 
 
 @pytest.mark.parametrize('base', [None, 'ipndm'])

@@ -242,11 +242,12 @@ def resolve_lower_order_final(base, lower_order_final):
 
 def declared_order(predictor, base, max_order):
     """Global order with predictor=None (r = 1/2, c = a = 1): DPM-Solver-2 (base None, 'dpm2') and DPM-Solver++(2M)
-    on the interleaved grid are second order, Euler first; iPNDM's uniform-step weights on the alternating
-    t_n, s_n grid leave first order. A learned predictor (c != 1) has none."""
+    on the interleaved grid are second order, Euler first; iPNDM's uniform-step weights on the interleaved grid
+    t_0, s_0, t_1, ... (never uniform: s_n is the geometric midpoint) leave second order (first for max_order 1).
+    A learned predictor (c != 1) has none."""
     if predictor is not None:
         return None
-    return {None: 2, 'dpm2': 2, 'dpmpp_2m': 2, 'euler': 1, 'ipndm': 1}[base]
+    return {None: 2, 'dpm2': 2, 'dpmpp_2m': 2, 'euler': 1, 'ipndm': min(max_order, 2)}[base]
 
 
 def amed(*, predictor=None, params=None, base=None, afs=False, max_order=4, lower_order_final=None):
