@@ -77,8 +77,18 @@ def check_augment(config):
         raise UserError(f'config.augment.p={fields["p"]!r} must be a probability in [0, 1]')
 
 
+def check_conditioning(config):
+    """A class-conditional model trained with OT pairing must pair within classes (AOT's per-class pools)."""
+    label_dim = int(dict(config.model).get('label_dim', 0) or 0)
+    loss = dict(config.loss)
+    if label_dim and loss.get('pairing') == 'aot' and not loss.get('per_class'):
+        raise UserError(f'config.loss.per_class must be True for a class-conditional model (model.label_dim='
+                        f'{label_dim}) with loss.pairing=\'aot\': otherwise noise is paired across classes')
+
+
 def check(config):
     """Everything a training run reads from config.training, config.sampling and config.augment."""
     check_training(config)
     check_sampling(config)
     check_augment(config)
+    check_conditioning(config)
