@@ -27,11 +27,19 @@ Public API (pure, jittable; `velocity_fn(x_t, t) -> v` with t [B]; `encoder_fn(x
     prior_loss(mu, logvar, prior_var=1.)                     mean_B KL / dim (the authors' normalisation)
     fastode_loss(velocity_fn, encoder_fn, x, key, beta=20.)  (loss, metrics); encoder_fn=None: rectified flow
     time_uniform_sigmas(num_steps, t_max=0.999)              sigma grid that is uniform in t (for straightness)
+    uniform_schedule(num_steps, sigma_min, sigma_max)        schedules.get('flow_uniform'): uniform in t
     trajectory_in_time(trajectory, sigmas)                   a sampler's sigma-space trajectory as x_t, and t
+
+Loss pieces (registered in jaxdiff.losses; config.loss = dict(parameterization='flow', pairing='fastode', beta=20)):
+    parameterization(t_min=1e-5)                             loss.parameterization='flow'
+    fastode_pairing(beta=20.)                                loss.pairing='fastode': z from the extra network
+                                                             'encoder' (config.encoder), penalty beta KL / dim
+With pairing='independent' the 'flow' parameterization is the rectified-flow baseline (their `--independent`).
 Dropout keys of the networks are the caller's: close over them in velocity_fn / encoder_fn.
 """
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff import precond as precond_lib
 
@@ -167,6 +175,48 @@ def fastode_loss(velocity_fn, encoder_fn, x, key, beta=20.0, t_min=1e-5, prior_v
     return loss, {'loss': loss, 'loss_flow': loss_flow, 'loss_prior': loss_prior}
 
 
+def parameterization(*, t_min=1e-5):
+    """The flow as a `losses.Parameterization` (loss.parameterization='flow'): `precond` (c_noise = t, fed raw to
+    the velocity network), `weight` = 1 / t^2 and sigma = t / (1 - t) with t ~ U(t_min, 1), so the sigma-space loss
+    lambda(sigma) |D - x0|^2 is the flow-matching loss |v_theta(x_t, t) - (z - x0)|^2 of Eq. 4 (see `weight`)."""
+    from jaxdiff import losses       # here, not at the top: losses imports this module for its registry
+    if not 0 < t_min < 1:
+        raise ValueError(f'config.loss.t_min={t_min!r} must be in (0, 1) (flow times t ~ U(t_min, 1))')
+    return losses.Parameterization(precond=precond, weight=weight,
+                                   sample_sigma=lambda key, shape: sample_sigma(key, shape, t_min))
+
+
+def fastode_pairing(*, beta=20.0):
+    """Fast-ODE's learned coupling as a `losses` pairing (loss.pairing='fastode'; Sec. 3):
+
+        (mu, logvar) = encoder(x),  z = mu + exp(logvar / 2) eps,  penalty = beta KL(q(z | x) || N(0, I)) / (C H W)
+
+    eps is drawn for the global batch (`losses.draw_per_example`), so 1 and 8 devices see the same numbers; the
+    encoder is the extra trainable network 'encoder' (config.encoder, `models.from_config(config, 'encoder')`),
+    under the model's optimizer and EMA, called in train mode with its own dropout key. z stays differentiable:
+    phi gets gradients through x_t = t z + (1 - t) x and the target (the loss) and through the KL (the penalty).
+    Metrics: loss_prior (the KL per dimension, before beta), encoder_mean_sq (mean mu^2) and encoder_var (mean
+    exp(logvar)); q = N(0, I) gives 0, 0 and 1."""
+    from jaxdiff import losses
+    from jaxdiff.errors import UserError
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
+        raise UserError(f'config.loss.beta={beta!r} must be a number >= 0 (the weight of the KL term)')
+
+    def pairing(key, y, batch, params, networks):
+        eps_key, encoder_key = jax.random.split(key)
+        eps = losses.draw_per_example(eps_key, y.shape, lambda k, shape: jax.random.normal(k, shape, y.dtype), batch)
+        mu, logvar = networks['encoder'](params['encoder'], y, key=encoder_key)
+        if mu.shape != y.shape or logvar.shape != y.shape:
+            raise ValueError(f"loss.pairing='fastode': the encoder must return mu and logvar shaped like the data "
+                             f'{y.shape}, got {mu.shape} and {logvar.shape} (config.encoder)')
+        mu, logvar = mu.astype(y.dtype), logvar.astype(y.dtype)
+        loss_prior = prior_loss(mu, logvar)
+        metrics = {'loss_prior': loss_prior, 'encoder_mean_sq': jnp.mean(mu ** 2),
+                   'encoder_var': jnp.mean(jnp.exp(logvar))}
+        return reparameterize(mu, logvar, eps), beta * loss_prior, metrics
+    return pairing, losses.Hooks(extra_networks=('encoder',))
+
+
 def time_uniform_sigmas(num_steps, t_max=0.999, dtype=jnp.float32):
     """A sigma grid whose flow times t = linspace(t_max, 0, num_steps + 1) are uniform, ending at sigma = 0.
 
@@ -175,6 +225,31 @@ def time_uniform_sigmas(num_steps, t_max=0.999, dtype=jnp.float32):
     if num_steps < 1 or not 0 < t_max < 1:
         raise ValueError(f'time_uniform_sigmas: num_steps={num_steps} must be >= 1 and t_max={t_max} in (0, 1)')
     return sigma_of_t(jnp.linspace(t_max, 0.0, num_steps + 1, dtype=dtype))
+
+
+def uniform_schedule(*, num_steps=18, sigma_min=None, sigma_max=999.0):
+    """schedules.get('flow_uniform'): a grid uniform in flow time t = sigma / (1 + sigma), N = num_steps positive
+    points from t(sigma_max) down to t(sigma_min), then sigma = 0 (the schedules contract). sigma_min=None: uniform
+    all the way to t = 0, t_i = t_max (1 - i / N), i = 0..N, the authors' Euler grid (their t_max = 1, sigma = inf;
+    sigma-space samplers need sigma_max < inf: 999 is t = 0.999). Euler on it is their Euler in t (see
+    `time_uniform_sigmas`). Computed in float64 (NumPy), returned in the default float dtype.
+
+    Not a grid for sigma-space Heun (EDM Alg. 1): on a flow, its step t -> t' is x_t' = x_t + (t' - t) [(1 - 2t +
+    t') v(x_t) + (1 - t') v(x_t')] / (2 (1 - t)) (substitute x = x_t / (1 - t), d = x_t + v / (1 + sigma)), whose
+    weights stay in [0, 1] only while 1 - t' <= 2 (1 - t), i.e. sigma falls by at most about half per step; the first
+    step here, t = 0.999 -> 0.916 (N = 12), weighs v by -41 and +42. Their Heun is Heun in t; use the EDM grid (or
+    logsnr) for Heun and the multistep solvers."""
+    if int(num_steps) != num_steps or num_steps < 1:
+        raise ValueError(f'flow_uniform: num_steps={num_steps!r} must be a positive integer')
+    if not 0 < sigma_max < np.inf or (sigma_min is not None and not 0 < sigma_min < sigma_max):
+        raise ValueError(f'flow_uniform: need 0 < sigma_min < sigma_max < inf (sigma_min None: down to 0), got '
+                         f'sigma_min={sigma_min!r}, sigma_max={sigma_max!r}')
+    t_max = sigma_max / (1 + sigma_max)
+    if sigma_min is None:
+        t = np.linspace(t_max, 0.0, int(num_steps) + 1)
+    else:
+        t = np.append(np.linspace(t_max, sigma_min / (1 + sigma_min), int(num_steps)), 0.0)
+    return jnp.asarray(t / (1 - t), dtype=jnp.result_type(float))
 
 
 def trajectory_in_time(trajectory, sigmas):

@@ -25,7 +25,7 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from jaxdiff import aot, precond, stf
+from jaxdiff import aot, flow, precond, stf
 from jaxdiff.errors import UserError
 from jaxdiff.precond import per_example
 
@@ -174,9 +174,10 @@ def draw_per_example(key, shape, draw, batch):
 
 
 # Registries: name -> factory(**options) -> piece, or (piece, Hooks). Other modules add entries.
-PARAMETERIZATIONS = {'edm': edm_parameterization, 'vp': vp_parameterization, 've': ve_parameterization}
+PARAMETERIZATIONS = {'edm': edm_parameterization, 'vp': vp_parameterization, 've': ve_parameterization,
+                     'flow': flow.parameterization}
 TARGETS = {'x0': lambda: x0_target, 'stf': stf_target}
-PAIRINGS = {'independent': lambda: independent_pairing, 'aot': aot.aot_pairing}
+PAIRINGS = {'independent': lambda: independent_pairing, 'aot': aot.aot_pairing, 'fastode': flow.fastode_pairing}
 
 
 class Pieces(NamedTuple):

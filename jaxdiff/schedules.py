@@ -14,6 +14,8 @@ points, so a grid has `num_steps + 1` entries and `num_steps` solver steps (EDM:
 - 'ddpm'         the discrete DDPM alpha-bar grid (Ho et al. 2020: 1000 steps, beta linear 1e-4 .. 0.02), `num_steps`
                  timesteps taken evenly from [0, T-1] (both ends included), sigma = sqrt((1 - abar) / abar)
                  (DDIM, Song et al. 2021a, Eq. 12 rewritten in sigma-space).
+- 'flow_uniform' uniform in rectified-flow time t = sigma / (1 + sigma) from t(sigma_max) to t(sigma_min), then 0;
+                 sigma_min None (default): uniform down to 0, the Fast-ODE authors' Euler grid (`flow.uniform_schedule`).
 
 The grids are computed in NumPy float64 and returned as a jnp array of the default float dtype.
 """
@@ -22,7 +24,7 @@ import inspect
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import precond
+from jaxdiff import flow, precond
 
 
 def _check_range(num_steps, sigma_min, sigma_max):
@@ -128,7 +130,8 @@ def ddpm(*, num_steps=18, num_train_steps=1000, beta_start=1e-4, beta_end=0.02):
     return _finish(np.sqrt((1.0 - abar[timesteps]) / abar[timesteps]))
 
 
-_SCHEDULES = {'edm': edm, 'logsnr': logsnr, 'time_uniform': time_uniform, 'ddpm': ddpm}
+_SCHEDULES = {'edm': edm, 'logsnr': logsnr, 'time_uniform': time_uniform, 'ddpm': ddpm,
+              'flow_uniform': flow.uniform_schedule}   # uniform in rectified-flow time t = sigma / (1 + sigma)
 
 
 def names():

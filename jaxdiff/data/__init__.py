@@ -34,6 +34,7 @@ Config fields (`config.data`; each feeds the argument of the same name of the se
   radius, mode_std                     eight_gaussians (defaults 2.0, 0.1)
   noise                                two_moons (default 0.05)
   num_modes, mode_std, mixture_seed    gmm (defaults 8, 0.05, 0); see `synthetic`
+  offset, variance                     two_gaussians (defaults 8.0, (3.0, 0.1)); see `synthetic`
 Unknown fields are a ValueError naming the field and listing the set's fields.
 Fields read by the training step, not here: `augment_p` (and any `augment_*` options of `jaxdiff.augment`).
 """
@@ -41,7 +42,7 @@ import inspect
 
 import numpy as np
 
-NAMES = ('cifar10', 'digits', 'eight_gaussians', 'two_moons', 'checkerboard', 'gmm')
+NAMES = ('cifar10', 'digits', 'eight_gaussians', 'two_moons', 'checkerboard', 'gmm', 'two_gaussians')
 # config.data fields that belong to other parts of the pipeline (the on-device augmentation in the train step).
 _FIELDS_USED_ELSEWHERE = ('name', 'augment_p')
 
@@ -55,7 +56,8 @@ def _constructor(name):
         return digits.Digits
     from jaxdiff.data import synthetic
     return {'eight_gaussians': synthetic.eight_gaussians, 'two_moons': synthetic.TwoMoons,
-            'checkerboard': synthetic.Checkerboard, 'gmm': synthetic.gmm}[name]
+            'checkerboard': synthetic.Checkerboard, 'gmm': synthetic.gmm,
+            'two_gaussians': synthetic.TwoGaussians}[name]
 
 
 def build(config):

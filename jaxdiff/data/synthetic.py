@@ -10,6 +10,9 @@ and keeps this host's rows, so the data does not depend on the number of hosts. 
                    i + j is even, i, j = floor(coordinate) + 2); label 0
   gmm              `num_modes` equally weighted isotropic Gaussians (std `mode_std`) in any `shape`, means uniform in
                    [-1, 1]^d (fixed by `mixture_seed`) at least 8 mode_std apart; label = most probable mode
+  two_gaussians    the Fast-ODE 2-D toy (Lee, Kim, Ye 2023, their train_reverse_2d_joint.py): N((-offset, offset),
+                   diag(variance)) and N((offset, offset), diag(variance)), equal weights, offset 8, variance (3, 0.1)
+                   (covariances); label = the Gaussian that drew the point
 The mixtures expose `source.mixture`, an `analytic.GaussianMixture`, whose `denoiser` is the exact E[x0 | x].
 """
 import functools
@@ -132,3 +135,20 @@ class Checkerboard(SyntheticSource):
         square = jnp.stack([col, row], axis=1).astype(jnp.float32)
         points = square + jax.random.uniform(key_uv, (n, 2)) - 2.0
         return points, jnp.zeros((n,), jnp.int32)
+
+
+class TwoGaussians(SyntheticSource):
+    """Two equally weighted Gaussians with diagonal covariance at (-offset, offset) and (offset, offset)."""
+    name = 'two_gaussians'
+
+    def __init__(self, shape=(2,), offset=8.0, variance=(3.0, 0.1)):
+        data.check_shape(self.name, shape, (2,))
+        if len(tuple(variance)) != 2 or min(variance) <= 0:
+            raise ValueError(f'data.variance={tuple(variance)} must be two positive variances (x and y)')
+        self.means = np.array([[-offset, offset], [offset, offset]], np.float32)
+        self.std = np.sqrt(np.asarray(variance, np.float32))
+
+    def sample(self, key, n):
+        key_k, key_noise = jax.random.split(key)
+        k = jax.random.bernoulli(key_k, 0.5, (n,)).astype(jnp.int32)
+        return jnp.asarray(self.means)[k] + self.std * jax.random.normal(key_noise, (n, 2)), k

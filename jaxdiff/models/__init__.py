@@ -26,6 +26,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jaxdiff.models.encoder import MLPEncoder, TanhMLP, UNetEncoder
 from jaxdiff.models.mlp import MLP
 from jaxdiff.models.songunet import SongUNet
 
@@ -39,6 +40,9 @@ _MODELS = {
     'ncsnpp': (SongUNet, dict(_CIFAR10, embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
                               decoder_type='standard', resample_filter=(1, 3, 3, 1))),
     'mlp': (MLP, {}),
+    'tanh_mlp': (TanhMLP, {}),                       # Fast-ODE's 2-D flow network (models/encoder.py)
+    'fastode_encoder': (UNetEncoder, {}),            # Fast-ODE's q(z | x), a small SongUNet (CIFAR-10 preset)
+    'fastode_mlp_encoder': (MLPEncoder, {}),         # Fast-ODE's q(z | x) for 2-D data
 }
 
 _SHAPE_FIELDS = ('img_resolution', 'in_channels', 'out_channels')  # SongUNet fields implied by the data shape
@@ -95,10 +99,11 @@ def from_config(config, section='model'):
     model_fields = dict(config[section])
     name = model_fields.pop('name')
     data_shape = tuple(config.data.shape)
-    if _lookup(name)[0] is SongUNet:
+    if 'img_resolution' in fields(name):          # SongUNet and networks built on it (the Fast-ODE encoder)
         if len(data_shape) != 3 or data_shape[0] != data_shape[1]:
             raise ValueError(f'model {name!r} needs square images, data.shape=(H, H, C); got {data_shape}')
         implied = dict(img_resolution=data_shape[0], in_channels=data_shape[2], out_channels=data_shape[2])
+        implied = {field: value for field, value in implied.items() if field in fields(name)}
         for field, value in implied.items():
             if field in model_fields and model_fields[field] != value:
                 raise ValueError(f'model.{field}={model_fields[field]} disagrees with data.shape={data_shape}')

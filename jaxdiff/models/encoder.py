@@ -11,8 +11,12 @@ configures them:
   TanhMLP      concat(x, t) -> [Dense(100), tanh] x 2 -> Dense: their 2-D flow network (time fed raw), with the
                call signature of the other denoiser networks (models/__init__.py).
   MLPEncoder   the same MLP fed (x, t = 1) with 2d outputs -> (mu, logvar): their 2-D encoder.
-Encoders are called as `apply(variables, x, train=False, rngs={'dropout': key}) -> (mu, logvar)`, each shaped like x;
-`jaxdiff.flow.fastode_loss` takes `encoder_fn = lambda x: encoder.apply(...)`.
+Encoders are called as `apply(variables, x, noise_labels=None, train=False, rngs={'dropout': key}) -> (mu, logvar)`,
+each shaped like x; noise_labels is accepted and ignored (the encoder's time is the constant `time`), so the training
+loop initialises an encoder like any network (`models.init(module, data_shape, key)` passes noise labels) and the
+Fast-ODE pairing (`flow.fastode_pairing`) calls it as an extra network with x alone; `jaxdiff.flow.fastode_loss`
+takes `encoder_fn = lambda x: encoder.apply(...)`. Registered in models/__init__.py as 'fastode_encoder' (UNetEncoder),
+'fastode_mlp_encoder' (MLPEncoder) and 'tanh_mlp' (TanhMLP).
 """
 from typing import Any, Sequence
 
@@ -55,7 +59,8 @@ class UNetEncoder(nn.Module):
         SongUNet(**self._unet_fields(), parent=None).validate()
 
     @nn.compact
-    def __call__(self, x, train=False):
+    def __call__(self, x, noise_labels=None, train=False):
+        del noise_labels                     # q(z | x) sees the constant time t = 1 only
         out = SongUNet(**self._unet_fields(), name='unet')(x, jnp.full((x.shape[0],), self.time), train=train)
         mu, logvar = jnp.split(out, 2, axis=-1)
         return mu, logvar
@@ -105,8 +110,8 @@ class MLPEncoder(nn.Module):
         TanhMLP(self.hidden_dim, self.num_layers, parent=None).validate()
 
     @nn.compact
-    def __call__(self, x, train=False):
-        del train
+    def __call__(self, x, noise_labels=None, train=False):
+        del noise_labels, train              # q(z | x) sees the constant time t = 1 only
         out = TanhMLP(self.hidden_dim, self.num_layers, out_features=2 * x[0].size, dtype=self.dtype, name='mlp')(
             x, jnp.full((x.shape[0],), self.time))
         mu, logvar = jnp.split(out, 2, axis=-1)
