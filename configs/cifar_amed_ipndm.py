@@ -8,5 +8,6 @@ from configs import cifar_amed
 
 def get_config():
     config = cifar_amed.get_config()
-    config.amed = cifar_amed.amed_fields(base='ipndm', schedule='edm', teacher='ipndm', extra_points=2)
+    config.amed = cifar_amed.amed_fields(base='ipndm', schedule='edm', schedule_options={}, teacher='ipndm',
+                                         extra_points=2)
     return config

@@ -42,9 +42,11 @@ TEACHERS = ('heun', 'dpm2', 'ipndm', 'dpmpp_2m', 'dpmpp_3m', 'euler')
 
 # --- grids and teacher ---------------------------------------------------------------------------------------
 
-def grids(*, schedule, num_points, sigma_min, sigma_max, rho=7.0, extra_points=0):
+def grids(*, schedule, num_points, sigma_min, sigma_max, rho=7.0, extra_points=0, schedule_options=None):
     """(student sigmas [num_points], teacher sigmas [(num_points - 1)(extra_points + 1) + 1]); both end at
-    sigma_min (no appended 0), the student's points are every (extra_points + 1)-th teacher point."""
+    sigma_min (no appended 0), the student's points are every (extra_points + 1)-th teacher point.
+    schedule_options: further keywords of `schedules.get` (the AMED recipes' time_uniform grid is the authors':
+    epsilon_s = 1e-3, VP beta fitted to [sigma_min, sigma_max])."""
     if schedule not in SCHEDULES:
         raise ValueError(f'amed.schedule must be one of {", ".join(SCHEDULES)}, got {schedule!r}')
     if int(num_points) != num_points or num_points < 2:
@@ -54,17 +56,9 @@ def grids(*, schedule, num_points, sigma_min, sigma_max, rho=7.0, extra_points=0
     options = dict(num_steps=(num_points - 1) * (extra_points + 1) + 1, sigma_min=sigma_min, sigma_max=sigma_max)
     if schedule == 'edm':
         options['rho'] = rho
+    options.update(dict(schedule_options or {}))
     teacher_sigmas = schedules.get(schedule, **options)[:-1]
     return teacher_sigmas[::extra_points + 1], teacher_sigmas
-
-
-def num_points_for(nfe, afs):
-    """Grid points N with NFE = 2 (N - 1) - [AFS]; ValueError when no N gives `nfe`."""
-    twice = nfe + int(afs)
-    if twice % 2 or twice < 2:
-        raise ValueError(f'AMED with afs={afs} has NFE 2 (N - 1) - {int(afs)}: no grid gives NFE {nfe} '
-                         f'(use afs={not afs})')
-    return twice // 2 + 1
 
 
 def make_teacher(make_denoiser, teacher_sigmas, *, teacher, extra_points):
@@ -87,28 +81,31 @@ def teacher_matching_loss(x_student, x_teacher):
     return jnp.mean(jnp.sum(jnp.square(x_student - x_teacher).reshape(x_student.shape[0], -1), axis=1))
 
 
-def interval_loss(params, module, denoiser, x, history, i, t_cur, t_next, target, *, base, afs):
+def interval_loss(params, module, denoiser, x, history, i, t_cur, t_next, target, *, base, afs,
+                  lower_order_final=False, num_intervals=None):
     """(L_n, (x_{n+1}, history)): the student's interval i from (x, history) against the teacher point."""
     predict = lambda features, t_a, t_b: module.apply(params, features, t_a, t_b)
     x_next, history = amed.interval(denoiser, predict, (x, history), i, t_cur, t_next, base=base, afs=afs,
-                                    num_bottleneck=module.num_bottleneck)
+                                    num_bottleneck=module.num_bottleneck, lower_order_final=lower_order_final,
+                                    num_intervals=num_intervals)
     return teacher_matching_loss(x_next, target), (x_next, history)
 
 
-def make_interval_step(make_denoiser, module, optimizer, *, base, afs):
+def make_interval_step(make_denoiser, module, optimizer, *, base, afs, lower_order_final=False,
+                       num_intervals=None):
     """jitted (params, opt_state, denoiser_params, x, history, i, t_cur, t_next, target)
     -> (params, opt_state, loss, x_next, history): one Adam step on L_n. One compilation serves every interval."""
     def step(params, opt_state, denoiser_params, x, history, i, t_cur, t_next, target):
         (loss, (x_next, history)), grads = jax.value_and_grad(interval_loss, has_aux=True)(
             params, module, make_denoiser(denoiser_params), x, history, i, t_cur, t_next, target, base=base,
-            afs=afs)
+            afs=afs, lower_order_final=lower_order_final, num_intervals=num_intervals)
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state, loss, x_next, history
 
     return jax.jit(step)
 
 
-def make_round_losses(make_denoiser, module, *, base, afs, max_order=4):
+def make_round_losses(make_denoiser, module, *, base, afs, max_order=4, lower_order_final=False):
     """jitted (params, denoiser_params, points, sigmas) -> per-interval losses [N - 1] with the training's restart
     rule and no update (to measure what a round did)."""
     def losses(params, denoiser_params, points, sigmas):
@@ -117,7 +114,9 @@ def make_round_losses(make_denoiser, module, *, base, afs, max_order=4):
         out = []
         for n in range(points.shape[0] - 1):
             loss, (x_next, history) = interval_loss(params, module, denoiser, x, history, n, sigmas[n],
-                                                    sigmas[n + 1], points[n + 1], base=base, afs=afs)
+                                                    sigmas[n + 1], points[n + 1], base=base, afs=afs,
+                                                    lower_order_final=lower_order_final,
+                                                    num_intervals=points.shape[0] - 1)
             x = x_next if base in amed.MULTISTEP_BASES else points[n + 1]
             out.append(loss)
         return jnp.stack(out)
@@ -145,16 +144,19 @@ def init_params(module, sigmas, seed=0):
 
 def train_predictor(make_denoiser, denoiser_params, module, *, sample_shape, sigmas, teacher_sigmas, base=None,
                     afs=True, max_order=4, teacher='heun', extra_points=1, num_trajectories=10_000,
-                    batch_size=128, lr=5e-3, seed=0, params=None, log_every=0):
+                    batch_size=128, lr=5e-3, seed=0, params=None, log_every=0, lower_order_final=None):
     """Trains `module` (AMEDPredictor) against the teacher; returns (params, mean loss per round [rounds]).
 
     make_denoiser(denoiser_params) -> D(x, sigma) (with `with_aux` for a network); sample_shape: one example's shape.
-    Round k draws x_T = sigma_max z from fold_in(PRNGKey(seed), k), so a run is reproducible."""
+    Round k draws x_T = sigma_max z from fold_in(PRNGKey(seed), k), so a run is reproducible. lower_order_final:
+    the dpmpp_2m base's last sub-step (None: the authors' True for that base; `samplers.amed`)."""
     key = jax.random.PRNGKey(seed)
     params = init_params(module, sigmas, seed) if params is None else params
     optimizer = optax.adam(lr)
     opt_state = optimizer.init(params)
-    step = make_interval_step(make_denoiser, module, optimizer, base=base, afs=afs)
+    step = make_interval_step(make_denoiser, module, optimizer, base=base, afs=afs,
+                              lower_order_final=amed.resolve_lower_order_final(base, lower_order_final),
+                              num_intervals=len(sigmas) - 1)
     teach = make_teacher(make_denoiser, teacher_sigmas, teacher=teacher, extra_points=extra_points)
     rounds = max(num_trajectories // batch_size, 1)
     history = []
@@ -237,9 +239,11 @@ def load_sampler(workdir, *, nfe=None, model=None):
         raise UserError(f'the AMED predictor in {workdir} was trained for model {settings["model"]}, '
                         f'not {model}: train one for this model')
     sampler = samplers.get('amed', predictor=(module, params), base=settings['base'], afs=settings['afs'],
+                           lower_order_final=settings.get('lower_order_final', False),
                            max_order=settings['max_order'])
     sigmas, _ = grids(schedule=settings['schedule'], num_points=settings['num_points'],
-                      sigma_min=settings['sigma_min'], sigma_max=settings['sigma_max'], rho=settings['rho'])
+                      sigma_min=settings['sigma_min'], sigma_max=settings['sigma_max'], rho=settings['rho'],
+                      schedule_options=settings.get('schedule_options'))
     return sampler, sigmas, settings
 
 
@@ -248,10 +252,13 @@ def _canonical(description):
 
 
 def make_settings(module, *, model, schedule, num_points, sigma_min, sigma_max, rho, afs, base, max_order, teacher,
-                  extra_points, num_trajectories, batch_size, lr, seed):
-    """The predictor checkpoint's settings (JSON-able): what sampling needs, and how it was trained."""
-    return dict(model=model, schedule=schedule, num_points=int(num_points), sigma_min=float(sigma_min),
-                sigma_max=float(sigma_max), rho=float(rho), afs=bool(afs), base=base, max_order=int(max_order),
-                nfe=2 * (int(num_points) - 1) - int(bool(afs)), teacher=teacher, extra_points=int(extra_points),
-                num_trajectories=int(num_trajectories), batch_size=int(batch_size), lr=float(lr), seed=int(seed),
-                predictor=predictor_fields(module))
+                  extra_points, num_trajectories, batch_size, lr, seed, schedule_options=None, lower_order_final=None):
+    """The predictor checkpoint's settings (JSON-able): what sampling needs, and how it was trained. The NFE is
+    the sampler's own declaration for the grid (no appended 0)."""
+    nfe = samplers.get('amed', afs=bool(afs)).nfe(int(num_points), ends_at_zero=False)
+    return dict(model=model, schedule=schedule, schedule_options=dict(schedule_options or {}),
+                num_points=int(num_points), sigma_min=float(sigma_min), sigma_max=float(sigma_max), rho=float(rho),
+                afs=bool(afs), base=base, max_order=int(max_order),
+                lower_order_final=amed.resolve_lower_order_final(base, lower_order_final), nfe=int(nfe),
+                teacher=teacher, extra_points=int(extra_points), num_trajectories=int(num_trajectories),
+                batch_size=int(batch_size), lr=float(lr), seed=int(seed), predictor=predictor_fields(module))

@@ -36,13 +36,16 @@ def run(config, workdir):
     sample_shape = tuple(config.data.shape)
     module = AMEDPredictor(num_bottleneck=amed_train.bottleneck_size(make_denoiser(trained.variables), sample_shape),
                            eps_c=a.eps_c, eps_a=a.eps_a)
+    schedule_options = dict(a.get('schedule_options') or {})
     sigmas, teacher_sigmas = amed_train.grids(schedule=a.schedule, num_points=a.num_points, sigma_min=a.sigma_min,
-                                              sigma_max=a.sigma_max, rho=a.rho, extra_points=a.extra_points)
+                                              sigma_max=a.sigma_max, rho=a.rho, extra_points=a.extra_points,
+                                              schedule_options=schedule_options)
     settings = amed_train.make_settings(
         module, model=describe_model(config, a.model_workdir, trained.step), schedule=a.schedule,
         num_points=a.num_points, sigma_min=a.sigma_min, sigma_max=a.sigma_max, rho=a.rho, afs=a.afs, base=a.base,
         max_order=a.max_order, teacher=a.teacher, extra_points=a.extra_points,
-        num_trajectories=a.num_trajectories, batch_size=a.batch_size, lr=a.lr, seed=a.seed)
+        num_trajectories=a.num_trajectories, batch_size=a.batch_size, lr=a.lr, seed=a.seed,
+        schedule_options=schedule_options, lower_order_final=a.get('lower_order_final'))
     params = amed_train.init_params(module, sigmas, a.seed)
     print(f'AMED ({a.base or "solver"}, NFE {settings["nfe"]}, {a.schedule} N={a.num_points}, afs={a.afs}) '
           f'against {a.teacher} with {a.extra_points} extra point(s) per interval; predictor '
@@ -51,7 +54,7 @@ def run(config, workdir):
         make_denoiser, trained.variables, module, params=params, sample_shape=sample_shape, sigmas=sigmas,
         teacher_sigmas=teacher_sigmas, base=a.base, afs=a.afs, max_order=a.max_order, teacher=a.teacher,
         extra_points=a.extra_points, num_trajectories=a.num_trajectories, batch_size=a.batch_size, lr=a.lr,
-        seed=a.seed, log_every=a.log_every_rounds)
+        seed=a.seed, log_every=a.log_every_rounds, lower_order_final=a.get('lower_order_final'))
     amed_train.save_predictor(workdir, params, settings)
     print(f'teacher-matching loss: first round {history[0]:.4g}, last round {history[-1]:.4g}; predictor saved to '
           f'{os.path.abspath(workdir)} ({amed_train.SETTINGS_FILE} + checkpoints/)', flush=True)
