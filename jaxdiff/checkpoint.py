@@ -49,8 +49,9 @@ class Checkpoints:
         return sorted(self.manager.all_steps())
 
     def save(self, step, state, *, force=True, **items):
-        """Saves `state` (item 'state') and the other named `items` of ITEMS (ema=...) as step `step`."""
-        args = {'state': ocp.args.StandardSave(state),
+        """Saves `state` (item 'state'; None: no 'state' item, e.g. an imported network has only 'ema') and the
+        other named `items` of ITEMS (ema=...) as step `step`."""
+        args = {**({'state': ocp.args.StandardSave(state)} if state is not None else {}),
                 **{name: ocp.args.StandardSave(item) for name, item in items.items()}}
         return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
 

@@ -25,6 +25,8 @@ MODES = {
     'bench': 'jaxdiff.modes.bench:run',
     'train_amed': 'jaxdiff.modes.train_amed:run',
     'train_discriminator': 'jaxdiff.modes.train_discriminator:run',
+    'evaluate': 'jaxdiff.modes.evaluate:run',
+    'import_edm': 'jaxdiff.modes.import_edm:run',
 }
 OPEN_SECTIONS = ('sampling.sampler_options', 'sampling.schedule_options')
 
