@@ -26,7 +26,7 @@ import sys
 from ml_collections import config_dict
 
 from configs import cifar_amed, cifar_dg, cifar_edm, cifar_fid
-from jaxdiff.modes import import_edm
+from jaxdiff import edm_import
 
 
 def workdir_of_command_line(argv=None):
@@ -51,7 +51,7 @@ def edm_import_fields():
 
 def get_config(workdir=None):
     workdir = workdir or workdir_of_command_line()
-    imported = import_edm.read_imported(workdir)
+    imported = edm_import.read_imported(workdir)
     config = cifar_edm.get_config()
     config.edm_import = edm_import_fields()
     config.evaluation = cifar_fid.evaluation(num_samples=50_000, reference='data', reference_split='train')
@@ -59,7 +59,7 @@ def get_config(workdir=None):
     config.sampling.batch_size = 64
     label_dim = 0
     if imported is not None:
-        import_edm.apply_imported(config, imported)
+        edm_import.apply_imported(config, imported)
         label_dim = int(imported['model'].get('label_dim', 0))
     model_workdir = {'model_workdir': workdir} if workdir else {}
     grid = config.sampling.schedule_options

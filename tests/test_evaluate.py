@@ -23,6 +23,7 @@ from jaxdiff.convert import edm, inception as convert_inception
 from jaxdiff.data import digits as digits_data
 from jaxdiff.errors import UserError
 from jaxdiff.modes import import_edm
+from jaxdiff import edm_import
 from test_cli import ROOT, run_main
 
 TINY = {'model.model_channels': 8, 'sampling.batch_size': 4, 'sampling.schedule_options.num_steps': 2}
@@ -203,7 +204,7 @@ def test_import_edm_round_trip_then_sample(tmp_path):
     expected = generator({'params': {'model': variables['params']}, 'model_state': {}}, 4)
     np.testing.assert_array_equal(labels, generator.labels)
     np.testing.assert_allclose(samples, expected, rtol=1e-5, atol=1e-5)
-    assert json.load(open(workdir / import_edm.IMPORTED_FILE))['source']['class_name'] == 'VEPrecond'
+    assert json.load(open(workdir / edm_import.IMPORTED_FILE))['source']['class_name'] == 'VEPrecond'
 
 
 def test_import_edm_ncsnpp_keeps_its_fourier_frequencies(tmp_path):
