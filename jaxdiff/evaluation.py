@@ -259,7 +259,8 @@ def evaluate(config, workdir, mesh, *, feature_fn=None, feature_id=None, digits=
         protocol=settings['protocol'], metric=settings['metric'], sampler=s.sampler,
         schedule=s.schedule, schedule_options=_plain(s.get('schedule_options')),
         sampler_options=_plain(s.get('sampler_options')), predictor_workdir=s.get('predictor_workdir'),
-        nfe=generator.nfe, guidance_calls=generator.guidance_calls,
+        sigmas=[float(x) for x in np.asarray(generator.sigmas)], nfe=generator.nfe,
+        guidance_calls=generator.guidance_calls,
         guidance=_plain(s.get('guidance')) if s.get('guidance') else None, seed=int(s.seed),
         reference=description, seconds=round(time.perf_counter() - start, 1),
         time=datetime.datetime.now().isoformat(timespec='seconds'))

@@ -118,6 +118,8 @@ def test_edm_protocol_runs_are_disjoint_seed_ranges_and_the_minimum_is_reported(
     np.testing.assert_allclose([result['kid'], result['kid_std']], [kid_mean, kid_std], rtol=1e-9)
     np.testing.assert_allclose(result['digits_fd'], digits16.fd(runs[best]), rtol=1e-9)
     assert result['nfe'] == 3 and result['protocol'] == 'edm' and result['num_samples'] == 6
+    np.testing.assert_allclose(result['sigmas'], schedules.get('edm', num_steps=2, sigma_min=0.002, sigma_max=80.0),
+                               rtol=1e-6)
     with open(tmp_path / 'evaluation.jsonl') as f:
         assert [json.loads(line) for line in f] == [json.loads(json.dumps(result))]
     # An .npz reference (EDM's format: mu, sigma) of the same features gives the same FID as the data.
