@@ -37,7 +37,7 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff import data as data_lib, fid, generate
+from jaxdiff import data as data_lib, digits_metric, fid, generate
 from jaxdiff.errors import UserError
 from jaxdiff.progress import Progress
 
@@ -204,7 +204,6 @@ def digits_metric_for(config):
     shape = tuple(config.data.shape)
     if len(shape) != 3 or shape[0] != shape[1] or shape[2] != 1:
         raise UserError(f'config.evaluation.metric=digits needs digits images [R, R, 1]; config.data.shape={shape}')
-    from jaxdiff import digits_metric
     return digits_metric.get(shape[0])
 
 
@@ -261,7 +260,8 @@ def evaluate(config, workdir, mesh, *, feature_fn=None, feature_id=None, digits=
         sampler_options=_plain(s.get('sampler_options')), predictor_workdir=s.get('predictor_workdir'),
         sigmas=[float(x) for x in np.asarray(generator.sigmas)], nfe=generator.nfe,
         guidance_calls=generator.guidance_calls,
-        guidance=_plain(s.get('guidance')) if s.get('guidance') else None, seed=int(s.seed),
+        guidance=_plain(s.guidance) if (s.get('guidance') or {}).get('discriminator_workdir') else None,
+        seed=int(s.seed),
         reference=description, seconds=round(time.perf_counter() - start, 1),
         time=datetime.datetime.now().isoformat(timespec='seconds'))
     if wants(settings, 'fid'):
