@@ -35,22 +35,30 @@ def _key(seed):
 def tiny_ncsnpp():
     """A tiny NCSN++ (the variant with the most code paths: Fourier embedding, residual encoder, [1,3,3,1] FIR).
 
-    Two compiled functions serve all tests: `evaluate` (train=False) and `train_step` (train=True, loss + grads).
+    Two compiled functions serve all tests: `evaluate` (train=False, F and the sown bottleneck; the Fourier
+    frequencies an argument, default the model's own) and `train_step` (train=True, loss + grads).
     """
     model = models.build('ncsnpp', **TINY)
     x = jax.random.normal(jax.random.key(1), (2, *CIFAR))
     noise_labels = jnp.array([-1.0, 0.7])
-    params = fast_jit(model.init)(_key(0), x, noise_labels)['params']
+    variables = fast_jit(model.init)(_key(0), x, noise_labels)
+    params, buffers = variables['params'], variables['buffers']
 
     @fast_jit
-    def evaluate(params, noise_labels, augment_labels, key):
-        return model.apply({'params': params}, x, noise_labels, augment_labels=augment_labels, train=False,
-                           return_bottleneck=True, rngs={'dropout': key})
+    def evaluate_with(params, freqs, noise_labels, augment_labels, key):
+        F, state = model.apply({'params': params, 'buffers': {'map_noise': {'freqs': freqs}}}, x, noise_labels,
+                               augment_labels=augment_labels, train=False, rngs={'dropout': key},
+                               mutable=['intermediates'])
+        return F, state['intermediates']['bottleneck'][0]
+
+    def evaluate(params, noise_labels, augment_labels, key, freqs=buffers['map_noise']['freqs']):
+        return evaluate_with(params, freqs, noise_labels, augment_labels, key)
 
     @fast_jit
     def train_step(params, key):
         def loss(params):
-            F = model.apply({'params': params}, x, noise_labels, train=True, rngs={'dropout': key})
+            F = model.apply({'params': params, 'buffers': buffers}, x, noise_labels, train=True,
+                            rngs={'dropout': key})
             return jnp.mean(jnp.square(F - x)), F
         return jax.value_and_grad(loss, has_aux=True)(params)
 
@@ -150,6 +158,80 @@ def test_fir_resampling_matches_edm_transposed_and_strided_convolutions(taps):
                                np.outer(up1d(x), up1d(x[::-1])), atol=1e-5)
 
 
+def _edm_resampling_reference(x, taps, up, padding=None):
+    """EDM's resampling as it defines it: a per-channel (grouped) strided conv with f f^T / (sum f)^2, or the
+    transposed conv with 4 f f^T / (sum f)^2 (as a conv of the 2x-dilated input with the flipped kernel)."""
+    f = np.asarray(taps, np.float64)
+    kernel = np.outer(f, f) / np.square(f.sum()) * (4 if up else 1)
+    k, channels = len(f), x.shape[-1]
+    p = (k - 1) // 2 if padding is None else padding
+    kernel = jnp.asarray(np.tile(kernel[::-1, ::-1][:, :, None, None], (1, 1, 1, channels)), jnp.float32)
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1) if up else (2, 2), [(k - 1 - p, k - 1 - p) if up else (p, p)] * 2,
+                                        lhs_dilation=(2, 2) if up else (1, 1), feature_group_count=channels,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+                                        precision=jax.lax.Precision.HIGHEST)
+
+
+@pytest.mark.parametrize('taps', [(1, 1), (1, 3, 3, 1), (1, 2, 1)])
+def test_resampling_by_slices_equals_edm_grouped_convolutions(taps):
+    x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 8, 6, 5)), jnp.float32)
+    np.testing.assert_allclose(layers.upsample(x, taps), _edm_resampling_reference(x, taps, up=True), atol=2e-6)
+    np.testing.assert_allclose(layers.downsample(x, taps), _edm_resampling_reference(x, taps, up=False), atol=2e-6)
+    # NCSN++'s fused conv-then-downsample path calls it with padding 0.
+    np.testing.assert_allclose(layers.downsample(x, taps, padding=0),
+                               _edm_resampling_reference(x, taps, up=False, padding=0), atol=2e-6)
+
+
+def test_fir_11_is_exactly_a_2x2_mean_and_a_nearest_repeat():
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 8, 8, 3)), jnp.float32)
+    np.testing.assert_allclose(layers.downsample(x, (1, 1)), x.reshape(2, 4, 2, 4, 2, 3).mean(axis=(2, 4)),
+                               rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(layers.upsample(x, (1, 1)), jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2))
+    # and no convolution is left in the graph
+    jaxpr = jax.make_jaxpr(lambda x: layers.upsample(layers.downsample(x, (1, 1)), (1, 1)))(x)
+    assert 'conv_general_dilated' not in {e.primitive.name for e in jaxpr.jaxpr.eqns}
+
+
+def test_group_norm_and_its_hand_written_backward_match_the_formula():
+    def reference(x, scale, bias, groups, eps=1e-6):   # GroupNorm straight from its definition, autodiffed
+        grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        mean = grouped.mean(axis=(1, 2, 4), keepdims=True)
+        var = jnp.square(grouped - mean).mean(axis=(1, 2, 4), keepdims=True)
+        return ((grouped - mean) * jax.lax.rsqrt(var + eps)).reshape(x.shape) * scale + bias
+
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(loc=0.7, scale=2.0, size=(3, 6, 5, 32)), jnp.float32)   # non-zero mean
+    scale, bias = (jnp.asarray(rng.normal(size=32), jnp.float32) for _ in range(2))
+    dy = jnp.asarray(rng.normal(size=x.shape), jnp.float32)
+    y, vjp = jax.vjp(lambda *a: layers.group_norm(*a, groups=8), x, scale, bias)
+    y_ref, vjp_ref = jax.vjp(lambda *a: reference(*a, groups=8), x, scale, bias)
+    np.testing.assert_allclose(y, y_ref, rtol=1e-5, atol=1e-5)
+    for got, want in zip(vjp(dy), vjp_ref(dy)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * float(jnp.max(jnp.abs(want))))
+
+
+def test_ncsnpp_fourier_frequencies_are_a_stored_untrained_buffer(tiny_ncsnpp):
+    model, params, evaluate, train_step, x, noise_labels = tiny_ncsnpp
+    # Full-size NCSN++: 256 noise channels -> 128 frequencies, in 'buffers', outside the trainable count.
+    shapes = jax.eval_shape(lambda: models.init(models.build('ncsnpp'), CIFAR, jax.random.key(0)))
+    assert set(shapes) == {'params', 'buffers'}
+    assert jax.tree.map(lambda s: s.shape, shapes['buffers']) == {'map_noise': {'freqs': (128,)}}
+    assert 'map_noise' not in shapes['params']
+    # Drawn at init from the init key (EDM: randn * 16 when the network is built), so two inits differ.
+    draw = fast_jit(lambda key: models.init(model, CIFAR, key)['buffers']['map_noise']['freqs'])  # the rest is DCE'd
+    freqs = [draw(_key(seed)) for seed in (0, 1)]
+    assert freqs[0].shape == (16,) and float(jnp.max(jnp.abs(freqs[0] - freqs[1]))) > 1.0
+    # The stored draw is what the network uses: other frequencies, other outputs (also of the bottleneck).
+    params = _perturbed(params, 6)
+    augment_labels = jnp.zeros((2, 9))
+    F0, b0 = evaluate(params, noise_labels, augment_labels, _key(0), freqs=freqs[0])
+    F1, b1 = evaluate(params, noise_labels, augment_labels, _key(0), freqs=freqs[1])
+    assert float(jnp.max(jnp.abs(F0 - F1))) > 1e-3 and float(jnp.max(jnp.abs(b0 - b1))) > 1e-3
+    # Applying without the collection is an error naming it, not a silent default draw.
+    with pytest.raises(Exception, match='buffers'):
+        model.apply({'params': params}, x, noise_labels)
+
+
 def test_positional_embedding_is_sin_cos_of_geometric_frequencies():
     emb = layers.positional_embedding(jnp.array([0.0, 3.0]), 8)
     freqs = (1 / 10000) ** (np.arange(4) / 3)  # endpoint=True: last frequency is exactly 1/max_positions
@@ -166,8 +248,9 @@ def test_mlp_shapes_and_bottleneck(shape):
     @fast_jit  # one compile: init, outputs at init, and the noise-level response of perturbed params
     def run():
         params = model.init(_key(1), x, noise_labels)['params']
-        F, hidden = model.apply({'params': params}, x, noise_labels, augment_labels=jnp.ones((3, 9)),
-                                return_bottleneck=True)
+        F, state = model.apply({'params': params}, x, noise_labels, augment_labels=jnp.ones((3, 9)),
+                               mutable=['intermediates'])
+        hidden = state['intermediates']['bottleneck'][0]
         variables = {'params': _perturbed(params, 2)}
         response = model.apply(variables, x, noise_labels) - model.apply(variables, x, noise_labels + 1.0)
         return F, hidden, response
@@ -179,7 +262,8 @@ def test_mlp_shapes_and_bottleneck(shape):
 
 
 def test_build_errors_name_the_problem():
-    with pytest.raises(ValueError, match="unknown model 'foo'; valid models: ddpmpp, mlp, ncsnpp"):
+    assert {'ddpmpp', 'mlp', 'ncsnpp'} <= set(models.names()) and models.names() == sorted(models.names())
+    with pytest.raises(ValueError, match=f"unknown model 'foo'; valid models: {', '.join(models.names())}$"):
         models.build('foo')
     with pytest.raises(ValueError,
                        match=r"model 'ddpmpp' has no field\(s\) hidden_dim; valid fields: .*model_channels"):

@@ -1,8 +1,10 @@
 """Denoiser networks (Flax Linen, NHWC) and their registry: `build(name, **fields)`.
 
-Every network maps `(x, noise_labels, class_labels=None, augment_labels=None, train=False,
-return_bottleneck=False)` to the raw output F of EDM's D(x; sigma) = c_skip x + c_out F(c_in x; c_noise)
-(Karras et al. 2022, eq. 7); preconditioning lives in `jaxdiff.precond`.
+Every network maps `(x, noise_labels, class_labels=None, augment_labels=None, train=False)` to the raw output F of
+EDM's D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras et al. 2022, eq. 7); preconditioning lives in
+`jaxdiff.precond`. Intermediate features are sown into the 'intermediates' collection (the denoiser networks sow
+'bottleneck'; read them with `apply(..., mutable=['intermediates'])`). Non-trainable state lives in 'buffers' (NCSN++'s
+Fourier frequencies): `init(model, data_shape, key)` returns every collection, `params` is its 'params' entry.
 
 Names:
   'ddpmpp'  SongUNet, DDPM++ preset of EDM's CIFAR-10 config (Karras et al. 2022, App. F.2 / Table 7; Song et al.
@@ -44,8 +46,6 @@ _MODELS = {
     'fastode_encoder': (UNetEncoder, {}),            # Fast-ODE's q(z | x), a small SongUNet (CIFAR-10 preset)
     'fastode_mlp_encoder': (MLPEncoder, {}),         # Fast-ODE's q(z | x) for 2-D data
 }
-
-_SHAPE_FIELDS = ('img_resolution', 'in_channels', 'out_channels')  # SongUNet fields implied by the data shape
 
 
 def names():

@@ -7,13 +7,21 @@ blocks of Song et al. 2021, "Score-Based Generative Modeling through Stochastic 
 
 Precision: parameters are always float32 (`param_dtype`); `dtype` is the compute dtype that inputs and weights
 are cast to. GroupNorm statistics and attention softmax are computed in float32 whatever `dtype` is.
+
+Speed (same outputs to float32 round-off): FIR resampling is written as strided slices and sums (the [1, 1] filter
+is exactly a 2x2 mean and a nearest 2x repeat), GroupNorm has a two-pass backward (`group_norm`), 1x1 convolutions
+are matmuls, and 3x3 convolutions run either as XLA's convolution or as Winograd F(2x2, 3x3) batched matmuls
+(`conv_algorithm`, `winograd.py`).
 """
+import functools
 from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxdiff.models import winograd
 
 Dtype = Any
 
@@ -51,37 +59,104 @@ def Dense(features, use_bias=True, init_mode='xavier_uniform', init_weight=1.0, 
                     bias_init=nn.initializers.zeros, dtype=dtype, param_dtype=jnp.float32, name=name)
 
 
-def _resample_taps(resample_filter):
-    """The separable 2-D FIR filter f f^T / (sum f)^2 of EDM's Conv2d (score_sde's FIR up/down-sampling)."""
-    f = np.asarray(resample_filter, dtype=np.float32)
-    return np.outer(f, f) / np.square(f.sum())
+def _fir_taps(resample_filter):
+    """The 1-D factor f / sum(f) of EDM's separable 2-D FIR filter f f^T / (sum f)^2 (score_sde's resampling)."""
+    f = np.asarray(resample_filter, dtype=np.float64)
+    return f / f.sum()
 
 
-def _depthwise(x, taps, stride, padding, lhs_dilation=1):
-    """Applies the same [k, k] filter to every channel of NHWC `x` (grouped convolution, one group per channel)."""
-    channels = x.shape[-1]
-    kernel = jnp.tile(jnp.asarray(taps, x.dtype)[:, :, None, None], (1, 1, 1, channels))
-    return jax.lax.conv_general_dilated(
-        x, kernel, window_strides=(stride, stride), padding=[(padding, padding)] * 2,
-        lhs_dilation=(lhs_dilation, lhs_dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
-        feature_group_count=channels)
+def _weighted_sum(coefficients, terms):
+    """sum_k c_k t_k over the non-zero c_k (Python floats: the zeros of a filter cost nothing)."""
+    total = None
+    for c, t in zip(coefficients, terms):
+        if c == 0:
+            continue
+        term = t if c == 1 else t * np.asarray(c, t.dtype)
+        total = term if total is None else total + term
+    return total
+
+
+def _down_axis(x, f, padding, axis):
+    """y[o] = sum_k f[k] x_pad[2 o + k] along `axis` (a stride-2 correlation), as len(f) strided slices."""
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (padding, padding)
+    x = jnp.pad(x, pad)
+    n_out = (x.shape[axis] - len(f)) // 2 + 1
+    taps = [jax.lax.slice_in_dim(x, k, k + 2 * (n_out - 1) + 1, stride=2, axis=axis) for k in range(len(f))]
+    return _weighted_sum(f, taps)
+
+
+def _up_axis(x, g, padding, axis):
+    """EDM's stride-2 transposed convolution with kernel g and padding p along `axis`, in polyphase form.
+
+    y[o] = sum_{i, k: 2 i + k - p = o} g[k] x[i]; output o = 2 j + r reads x[j + (r + p - k) / 2] for the taps k
+    with r + p - k even, so each phase r is a sum of shifted copies of x, and the two phases interleave."""
+    n, K = x.shape[axis], len(g)
+    n_out = 2 * (n - 1) + K - 2 * padding
+    phases = []
+    for r in range(2):
+        j_count = (n_out - r + 1) // 2
+        taps = [(k, (r + padding - k) // 2) for k in range(K) if (r + padding - k) % 2 == 0]
+        lo = max(0, -min(shift for _, shift in taps))
+        hi = max(0, max(shift for _, shift in taps) + j_count - n)
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (lo, hi)
+        xp = jnp.pad(x, pad)
+        terms = [jax.lax.slice_in_dim(xp, lo + shift, lo + shift + j_count, axis=axis) for _, shift in taps]
+        phases.append(_weighted_sum([g[k] for k, _ in taps], terms))
+    if phases[1].shape[axis] < phases[0].shape[axis]:   # odd output length: the last odd phase entry is missing
+        pad = [(0, 0)] * x.ndim
+        pad[axis] = (0, 1)
+        phases[1] = jnp.pad(phases[1], pad)
+    y = jnp.stack(phases, axis=axis + 1)
+    y = y.reshape(*x.shape[:axis], 2 * phases[0].shape[axis], *x.shape[axis + 1:])
+    return jax.lax.slice_in_dim(y, 0, n_out, axis=axis)
 
 
 def upsample(x, resample_filter):
-    """2x FIR upsampling = EDM's conv_transpose2d(x, 4 f f^T, stride 2, padding (len(f)-1)//2), per channel."""
-    taps = _resample_taps(resample_filter) * 4
-    k = taps.shape[0]
-    f_pad = (k - 1) // 2
-    # A stride-2 transposed conv with padding p is a conv of the 2x-dilated input with the flipped kernel and
-    # padding k-1-p; the filters here are symmetric, flipping is kept for correctness with any filter.
-    return _depthwise(x, taps[::-1, ::-1], stride=1, padding=k - 1 - f_pad, lhs_dilation=2)
+    """2x FIR upsampling = EDM's conv_transpose2d(x, 4 f f^T / (sum f)^2, stride 2, padding (len(f)-1)//2), per
+    channel, NHWC; separable, so each axis gets the 1-D kernel 2 f / sum(f) ([1, 1]: a nearest 2x repeat)."""
+    g = 2 * _fir_taps(resample_filter)
+    padding = (len(g) - 1) // 2
+    return _up_axis(_up_axis(x, g, padding, axis=1), g, padding, axis=2)
 
 
 def downsample(x, resample_filter, padding=None):
-    """2x FIR downsampling = EDM's conv2d(x, f f^T, stride 2, padding (len(f)-1)//2), per channel."""
-    taps = _resample_taps(resample_filter)
-    f_pad = (taps.shape[0] - 1) // 2 if padding is None else padding
-    return _depthwise(x, taps, stride=2, padding=f_pad)
+    """2x FIR downsampling = EDM's conv2d(x, f f^T / (sum f)^2, stride 2, padding (len(f)-1)//2), per channel,
+    NHWC; separable, each axis filtered by f / sum(f) with stride 2 ([1, 1]: a 2x2 mean)."""
+    f = _fir_taps(resample_filter)
+    padding = (len(f) - 1) // 2 if padding is None else padding
+    return _down_axis(_down_axis(x, f, padding, axis=1), f, padding, axis=2)
+
+
+CONV_ALGORITHMS = ('auto', 'xla', 'winograd')
+# 'auto' by backend, from benchmarks/RESULTS.md ("conv_algorithm"); any other backend: XLA's convolution.
+AUTO_CONV_ALGORITHM = {'cpu': 'winograd'}
+
+
+def resolve_conv_algorithm(conv_algorithm):
+    """'xla' or 'winograd' for `conv_algorithm` ('auto': AUTO_CONV_ALGORITHM of the default backend)."""
+    if conv_algorithm not in CONV_ALGORITHMS:
+        raise ValueError(f'model.conv_algorithm={conv_algorithm!r}; valid: {", ".join(CONV_ALGORITHMS)}')
+    if conv_algorithm == 'auto':
+        return AUTO_CONV_ALGORITHM.get(jax.default_backend(), 'xla')
+    return conv_algorithm
+
+
+def conv2d(x, w, padding, conv_algorithm='xla'):
+    """Stride-1 'same'-style convolution of NHWC x with an HWIO kernel, zero padding `padding` on each side.
+
+    1x1 kernels are a matmul over channels; 3x3 kernels go to Winograd F(2x2, 3x3) when conv_algorithm resolves to
+    'winograd' and both channel counts reach winograd.MIN_CHANNELS (the transforms dominate below); every other
+    case is XLA's convolution."""
+    kh, kw, cin, cout = w.shape
+    if kh == kw == 1 and padding == 0:
+        return jnp.einsum('bhwc,co->bhwo', x, w[0, 0])
+    if (kh, kw) == (3, 3) and resolve_conv_algorithm(conv_algorithm) == 'winograd' \
+            and min(cin, cout) >= winograd.MIN_CHANNELS:
+        return winograd.conv3x3(x, w, padding)
+    return jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding=[(padding, padding)] * 2,
+                                        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
 
 class Conv2d(nn.Module):
@@ -99,14 +174,13 @@ class Conv2d(nn.Module):
     fused_resample: bool = False
     init_mode: str = 'xavier_uniform'
     init_weight: float = 1.0
+    conv_algorithm: str = 'auto'
     dtype: Dtype = jnp.float32
 
     def _conv(self, x, padding):
         w = self.param('kernel', edm_init(self.init_mode, self.init_weight),
                        (self.kernel, self.kernel, x.shape[-1], self.features), jnp.float32)
-        return jax.lax.conv_general_dilated(
-            x, w.astype(self.dtype), window_strides=(1, 1), padding=[(padding, padding)] * 2,
-            dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+        return conv2d(x, w.astype(self.dtype), padding, self.conv_algorithm)
 
     @nn.compact
     def __call__(self, x):
@@ -132,6 +206,59 @@ class Conv2d(nn.Module):
         return x
 
 
+def _group_statistics(x, groups):
+    """Per (example, group) mean and variance (two-pass: the mean first) of NHWC x over H, W and the group's channels."""
+    batch, channels = x.shape[0], x.shape[-1]
+    grouped = x.reshape(batch, -1, groups, channels // groups)
+    mean = grouped.mean(axis=(1, 3))
+    var = jnp.square(grouped - mean[:, None, :, None]).mean(axis=(1, 3))
+    return mean, var
+
+
+def _per_channel(v, channels):
+    """[B, G] -> [B, 1, 1, C]: each group's value repeated over its channels (broadcast against NHWC)."""
+    return jnp.repeat(v, channels // v.shape[1], axis=1)[:, None, None, :]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _group_norm(x, scale, bias, epsilon, groups):
+    return _group_norm_fwd(x, scale, bias, epsilon, groups)[0]
+
+
+def _group_norm_fwd(x, scale, bias, epsilon, groups):
+    mean, var = _group_statistics(x, groups)
+    r = jax.lax.rsqrt(var + epsilon)
+    x_hat = (x - _per_channel(mean, x.shape[-1])) * _per_channel(r, x.shape[-1])
+    return x_hat * scale + bias, (x, mean, r, scale)
+
+
+def _group_norm_bwd(epsilon, groups, residuals, dy):
+    """dx = r (g - mean_G(g) - x_hat mean_G(g x_hat)), g = dy * scale; dscale = sum dy x_hat; dbias = sum dy.
+
+    Per-(example, channel) sums of dy and dy x_hat (one pass over dy and x) give all the group means, then one
+    elementwise pass gives dx: two passes instead of the several that autodiff of the forward formula takes."""
+    x, mean, r, scale = residuals
+    channels = x.shape[-1]
+    x_hat = (x - _per_channel(mean, channels)) * _per_channel(r, channels)
+    sum_dy = dy.sum(axis=(1, 2))                                    # [B, C]
+    sum_dy_x_hat = (dy * x_hat).sum(axis=(1, 2))
+    count = x[0].size // groups                                     # elements per group
+    group_mean = lambda v: (v * scale).reshape(v.shape[0], groups, channels // groups).sum(-1) / count
+    dx = _per_channel(r, channels) * (dy * scale - _per_channel(group_mean(sum_dy), channels)
+                                      - x_hat * _per_channel(group_mean(sum_dy_x_hat), channels))
+    return dx, sum_dy_x_hat.sum(0), sum_dy.sum(0)
+
+
+_group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def group_norm(x, scale, bias, groups, epsilon=1e-6):
+    """GroupNorm of NHWC x in float32 (Wu & He 2018): (x - mean) / sqrt(var + epsilon) * scale + bias, statistics
+    per example over H, W and each group's channels (biased variance, as torch.nn.functional.group_norm)."""
+    x = x.astype(jnp.float32)
+    return _group_norm(x, scale.astype(jnp.float32), bias.astype(jnp.float32), float(epsilon), int(groups))
+
+
 class GroupNorm(nn.Module):
     """EDM's GroupNorm: min(32, C // 4) groups, statistics in float32, learned per-channel scale and bias."""
     num_groups: int = 32
@@ -145,12 +272,7 @@ class GroupNorm(nn.Module):
         groups = min(self.num_groups, channels // self.min_channels_per_group)
         scale = self.param('scale', nn.initializers.ones, (channels,), jnp.float32)
         bias = self.param('bias', nn.initializers.zeros, (channels,), jnp.float32)
-        x32 = x.astype(jnp.float32).reshape(*x.shape[:-1], groups, channels // groups)
-        axes = tuple(range(1, x32.ndim - 2)) + (x32.ndim - 1,)  # spatial dims and channels within a group
-        mean = x32.mean(axis=axes, keepdims=True)
-        var = jnp.square(x32 - mean).mean(axis=axes, keepdims=True)
-        x32 = ((x32 - mean) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return (x32 * scale + bias).astype(self.dtype)
+        return group_norm(x, scale, bias, groups, self.epsilon).astype(self.dtype)
 
 
 def positional_embedding(noise_labels, num_channels, max_positions=10000, endpoint=True):
@@ -166,16 +288,25 @@ def positional_embedding(noise_labels, num_channels, max_positions=10000, endpoi
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
 
 
-def fourier_embedding(noise_labels, num_channels, scale=16.0, seed=0):
-    """Random Fourier features of c_noise (NCSN++; Tancik et al. 2020 as used by score_sde and EDM, scale 16).
-
-    The frequencies f ~ N(0, scale^2) are a fixed buffer in EDM, not trained; here they are a constant drawn from a
-    fixed key, so they need no variable collection and never enter the trainable parameter count. Returns
-    [sin(2 pi f c), cos(2 pi f c)] (EDM's [cos, sin] after its half swap).
-    """
-    freqs = jax.random.normal(jax.random.key(seed), (num_channels // 2,), jnp.float32) * scale
-    angles = noise_labels.astype(jnp.float32)[:, None] * (2 * np.pi * freqs)[None, :]
+def fourier_embedding(noise_labels, freqs):
+    """Random Fourier features of c_noise (NCSN++; Tancik et al. 2020 as used by score_sde and EDM):
+    [sin(2 pi f c), cos(2 pi f c)] for the frequencies `freqs` [num_channels / 2] (EDM's [cos, sin] after its half
+    swap)."""
+    angles = noise_labels.astype(jnp.float32)[:, None] * (2 * np.pi * freqs.astype(jnp.float32))[None, :]
     return jnp.concatenate([jnp.sin(angles), jnp.cos(angles)], axis=-1)
+
+
+class FourierEmbedding(nn.Module):
+    """EDM's FourierEmbedding: frequencies f ~ N(0, scale^2) drawn once at init (scale 16) and kept, untrained, in
+    the 'buffers' collection as 'freqs' (EDM's `map_noise.freqs` buffer), so a network carries its own draw."""
+    num_channels: int
+    scale: float = 16.0
+
+    @nn.compact
+    def __call__(self, noise_labels):
+        freqs = self.variable('buffers', 'freqs', lambda: jax.random.normal(
+            self.make_rng('params'), (self.num_channels // 2,), jnp.float32) * self.scale)
+        return fourier_embedding(noise_labels, freqs.value)
 
 
 class UNetBlock(nn.Module):
@@ -194,12 +325,13 @@ class UNetBlock(nn.Module):
     skip_scale: float = float(np.sqrt(0.5))
     epsilon: float = 1e-6
     resample_filter: Sequence[int] = (1, 1)
+    conv_algorithm: str = 'auto'
     dtype: Dtype = jnp.float32
 
     @nn.compact
     def __call__(self, x, emb, train=False):
         orig = x
-        conv = dict(resample_filter=self.resample_filter, dtype=self.dtype)
+        conv = dict(resample_filter=self.resample_filter, conv_algorithm=self.conv_algorithm, dtype=self.dtype)
         h = nn.silu(GroupNorm(epsilon=self.epsilon, dtype=self.dtype, name='norm0')(x))
         h = Conv2d(self.features, 3, up=self.up, down=self.down, **conv, **INIT, name='conv0')(h)
         params = Dense(self.features, **INIT, dtype=self.dtype, name='affine')(emb)

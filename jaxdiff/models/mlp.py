@@ -1,8 +1,8 @@
 """A small MLP denoiser network for low-dimensional data (2-D toy distributions, flattened tiny images).
 
 Same call signature as SongUNet so the EDM preconditioning (Karras et al. 2022, eq. 7) and the samplers treat both
-alike: `apply(variables, x [B, ...], noise_labels [B], class_labels=None, augment_labels=None, train=False,
-return_bottleneck=False)` -> F of shape x.shape, or (F, h) with h the last hidden activation [B, hidden_dim].
+alike: `apply(variables, x [B, ...], noise_labels [B], class_labels=None, augment_labels=None, train=False)` -> F of
+shape x.shape; the last hidden activation h [B, hidden_dim] is sown as ('intermediates', 'bottleneck').
 The noise level enters through the transformer sinusoidal embedding of c_noise (as DDPM++ in Song et al. 2021),
 mapped by a 2-layer SiLU MLP and added to every hidden layer.
 """
@@ -36,8 +36,7 @@ class MLP(nn.Module):
             raise ValueError(f'model.dropout={self.dropout} must lie in [0, 1)')
 
     @nn.compact
-    def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False,
-                 return_bottleneck=False):
+    def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False):
         del augment_labels
         self.validate()
         batch = x.shape[0]
@@ -54,6 +53,6 @@ class MLP(nn.Module):
             z = nn.LayerNorm(dtype=self.dtype, param_dtype=jnp.float32, name=f'norm{index}')(h)
             z = nn.Dropout(self.dropout, deterministic=not train)(nn.silu(z + emb))
             h = h + Dense(self.hidden_dim, **INIT, dtype=self.dtype, name=f'layer{index}')(z)
+        self.sow('intermediates', 'bottleneck', h.astype(jnp.float32))
         out = Dense(x[0].size, **INIT_ZERO, dtype=self.dtype, name='output')(nn.silu(h))
-        out = out.reshape(x.shape).astype(jnp.float32)
-        return (out, h.astype(jnp.float32)) if return_bottleneck else out
+        return out.reshape(x.shape).astype(jnp.float32)

@@ -7,7 +7,8 @@ encoder, resample filter [1, 3, 3, 1]. With those settings the trainable paramet
 and 56,397,827 (NCSN++), as in EDM.
 
 The module returns the raw network output F (EDM eq. 7: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise));
-preconditioning lives in `jaxdiff.precond`.
+preconditioning lives in `jaxdiff.precond`. NCSN++'s Fourier frequencies are a variable of the 'buffers' collection
+(drawn at init, never trained); `conv_algorithm` picks how the 3x3 convolutions run (outputs equal to round-off).
 """
 from typing import Any, Sequence
 
@@ -16,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.models.layers import INIT, INIT_ZERO, Conv2d, Dense, GroupNorm, UNetBlock, fourier_embedding, \
-    positional_embedding
+from jaxdiff.models.layers import CONV_ALGORITHMS, INIT, INIT_ZERO, Conv2d, Dense, FourierEmbedding, GroupNorm, \
+    UNetBlock, positional_embedding
 
 EMBEDDING_TYPES = ('positional', 'fourier')
 ENCODER_TYPES = ('standard', 'skip', 'residual')
@@ -28,11 +29,14 @@ class SongUNet(nn.Module):
     """DDPM++ / NCSN++ UNet (score_sde; EDM's SongUNet), NHWC.
 
     Call: `apply(variables, x [B,H,W,C], noise_labels [B], class_labels=None [B,label_dim],
-    augment_labels=None [B,augment_dim], train=False, return_bottleneck=False, rngs={'dropout': key})`
-    -> F of shape x.shape, or (F, bottleneck) with bottleneck the encoder's output at the lowest resolution,
-    [B, H / 2^(L-1), W / 2^(L-1), model_channels * channel_mult[-1]]. Dropout (and label dropout) only when train.
-    Missing class/augment labels count as zeros (EDM's "no label" / "no augmentation"), so every parameter is
-    created at init whatever is passed.
+    augment_labels=None [B,augment_dim], train=False, rngs={'dropout': key})` -> F of shape x.shape.
+    variables: {'params': ...} (and {'buffers': ...} for embedding_type='fourier'), as `init` returns them.
+    The encoder's output at the lowest resolution, [B, H / 2^(L-1), W / 2^(L-1), model_channels * channel_mult[-1]]
+    (float32), is sown as ('intermediates', 'bottleneck'): `apply(..., mutable=['intermediates'])` returns it too.
+    Dropout (and label dropout) only when train. Missing class/augment labels count as zeros (EDM's "no label" /
+    "no augmentation"), so every parameter is created at init whatever is passed.
+    conv_algorithm: 'xla' (lax.conv_general_dilated), 'winograd' (F(2x2, 3x3) batched matmuls for the 3x3 layers,
+    models/winograd.py) or 'auto' (the faster one on the backend in use, layers.AUTO_CONV_ALGORITHM).
     """
     img_resolution: int = 32
     in_channels: int = 3
@@ -51,13 +55,15 @@ class SongUNet(nn.Module):
     encoder_type: str = 'standard'
     decoder_type: str = 'standard'
     resample_filter: Sequence[int] = (1, 1)
+    conv_algorithm: str = 'auto'
     dtype: Any = jnp.float32
 
     def validate(self):
         """Raises ValueError naming the first inconsistent field (called by models.build and at trace time)."""
         for field, value, valid in (('embedding_type', self.embedding_type, EMBEDDING_TYPES),
                                     ('encoder_type', self.encoder_type, ENCODER_TYPES),
-                                    ('decoder_type', self.decoder_type, DECODER_TYPES)):
+                                    ('decoder_type', self.decoder_type, DECODER_TYPES),
+                                    ('conv_algorithm', self.conv_algorithm, CONV_ALGORITHMS)):
             if value not in valid:
                 raise ValueError(f'model.{field}={value!r}; valid: {", ".join(valid)}')
         if not self.channel_mult:
@@ -82,7 +88,7 @@ class SongUNet(nn.Module):
         if self.embedding_type == 'positional':
             emb = positional_embedding(noise_labels, noise_channels, endpoint=True)
         else:
-            emb = fourier_embedding(noise_labels, noise_channels, scale=16.0)
+            emb = FourierEmbedding(noise_channels, scale=16.0, name='map_noise')(noise_labels)
         emb = emb.astype(self.dtype)
         if self.label_dim:
             labels = jnp.zeros((batch, self.label_dim), jnp.float32) if class_labels is None else class_labels
@@ -100,8 +106,7 @@ class SongUNet(nn.Module):
         return nn.silu(Dense(emb_channels, **INIT, dtype=self.dtype, name='map_layer1')(emb))
 
     @nn.compact
-    def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False,
-                 return_bottleneck=False):
+    def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False):
         self.validate()
         expected = (self.img_resolution, self.img_resolution, self.in_channels)
         if x.ndim != 4 or tuple(x.shape[1:]) != expected:
@@ -109,8 +114,8 @@ class SongUNet(nn.Module):
         noise_labels = jnp.broadcast_to(jnp.asarray(noise_labels).reshape(-1), (x.shape[0],))
         emb = self._embedding(noise_labels, class_labels, augment_labels, train)
 
-        block = dict(dropout=self.dropout, resample_filter=self.resample_filter, dtype=self.dtype)
-        conv = dict(resample_filter=self.resample_filter, dtype=self.dtype)
+        conv = dict(resample_filter=self.resample_filter, conv_algorithm=self.conv_algorithm, dtype=self.dtype)
+        block = dict(dropout=self.dropout, **conv)
         levels = len(self.channel_mult)
 
         # Encoder. `skips` holds every block output (not the aux branches) for the decoder's concatenations.
@@ -120,15 +125,14 @@ class SongUNet(nn.Module):
         for level, mult in enumerate(self.channel_mult):
             res = self.img_resolution >> level
             if level == 0:
-                x = Conv2d(self.model_channels, 3, dtype=self.dtype, **INIT, name=f'enc_{res}x{res}_conv')(x)
+                x = Conv2d(self.model_channels, 3, **conv, **INIT, name=f'enc_{res}x{res}_conv')(x)
                 skips.append(x)
             else:
                 x = UNetBlock(x.shape[-1], down=True, **block, name=f'enc_{res}x{res}_down')(x, emb, train)
                 skips.append(x)
                 if self.encoder_type == 'skip':  # score_sde's input skip: downsampled image, 1x1 projected
                     aux = Conv2d(aux.shape[-1], 0, down=True, **conv, name=f'enc_{res}x{res}_aux_down')(aux)
-                    x = skips[-1] = x + Conv2d(x.shape[-1], 1, dtype=self.dtype, **INIT,
-                                               name=f'enc_{res}x{res}_aux_skip')(aux)
+                    x = skips[-1] = x + Conv2d(x.shape[-1], 1, **conv, **INIT, name=f'enc_{res}x{res}_aux_skip')(aux)
                 elif self.encoder_type == 'residual':  # NCSN++'s progressive residual input path
                     residual = Conv2d(x.shape[-1], 3, down=True, fused_resample=True, **conv, **INIT,
                                       name=f'enc_{res}x{res}_aux_residual')(aux)
@@ -137,7 +141,7 @@ class SongUNet(nn.Module):
                 x = UNetBlock(self.model_channels * mult, attention=res in self.attn_resolutions, **block,
                               name=f'enc_{res}x{res}_block{index}')(x, emb, train)
                 skips.append(x)
-        bottleneck = x
+        self.sow('intermediates', 'bottleneck', x.astype(jnp.float32))
 
         # Decoder. `aux` accumulates the output image (decoder_type='skip' adds one per level; 'standard' only at 0).
         aux = None
@@ -157,8 +161,6 @@ class SongUNet(nn.Module):
                 if self.decoder_type == 'skip' and level < levels - 1:
                     aux = Conv2d(self.out_channels, 0, up=True, **conv, name=f'dec_{res}x{res}_aux_up')(aux)
                 h = GroupNorm(epsilon=1e-6, dtype=self.dtype, name=f'dec_{res}x{res}_aux_norm')(x)
-                h = Conv2d(self.out_channels, 3, dtype=self.dtype, **INIT_ZERO, name=f'dec_{res}x{res}_aux_conv')(
-                    nn.silu(h))
+                h = Conv2d(self.out_channels, 3, **conv, **INIT_ZERO, name=f'dec_{res}x{res}_aux_conv')(nn.silu(h))
                 aux = h if aux is None else h + aux
-        out = aux.astype(jnp.float32)
-        return (out, bottleneck.astype(jnp.float32)) if return_bottleneck else out
+        return aux.astype(jnp.float32)
