@@ -1,12 +1,13 @@
 """Discriminator guidance on trained models: does guiding a trained model with a discriminator trained on its own
 samples bring its samples closer to the data, and does AOT pairing in the discriminator's training help?
 
-    .venv/bin/python benchmarks/dg_trained.py                               # toy2d (~6 min on 2 busy CPU cores)
+    .venv/bin/python benchmarks/dg_trained.py                               # toy2d (~9 min on 2 busy CPU cores)
     .venv/bin/python benchmarks/dg_trained.py --problems=toy2d,digits       # + digits (much longer on a CPU)
 
 Per problem, everything runs through the library's entry points, as the commands of configs/toy2d_dg.py do:
   model          `modes.train.run` on the recipe (toy2d: configs/toy2d_dg.py = toy2d_edm's MLP, trained for 300
-                 steps (visibly imperfect) and for 2000 steps (close to the data) of batch 256; digits: configs/quickstart.py's small DDPM++, --digits_steps of batch 32)
+                 steps (visibly imperfect) and for 2000 steps (close to the data) of batch 256; digits:
+                 configs/quickstart.py's small DDPM++, --digits_steps of batch 32)
   discriminator  `modes.train_discriminator.run` twice on the same generated samples (the first run writes them,
                  the second reads them): independent noise and AOT-paired noise ('aot'), nothing else different;
                  toy2d: the MLP discriminator on x; digits: the head on the frozen model's 8x8 bottleneck
@@ -28,7 +29,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dg_common, quickstart  # noqa: E402
@@ -71,7 +71,7 @@ def digits_config(args, steps):
     config.sampling.batch_size = 250
     return dg_common.add(config, discriminator_fields=dict(
         model_workdir=None, network=dict(name='head', model_channels=32, num_blocks=1, num_heads=1),
-        features='bottleneck', num_generated=3000, num_heldout=297, num_steps=args.discriminator_steps,
+        features='bottleneck', num_generated=args.digits_generated, num_heldout=297, num_steps=args.discriminator_steps,
         lr=args.lr, log_every_steps=max(args.discriminator_steps // 4, 1),
         eval_every_steps=args.discriminator_steps, checkpoint_every_steps=args.discriminator_steps))
 
@@ -147,6 +147,7 @@ def main():
     parser.add_argument('--problems', default='toy2d', help='comma-separated: toy2d, digits')
     parser.add_argument('--toy2d_steps', default='300,2000', help='toy2d model training steps (batch 256), a list')
     parser.add_argument('--digits_steps', default='1500', help="digits model steps (quickstart's 1500), a list")
+    parser.add_argument('--digits_generated', type=int, default=3000, help='digits samples the discriminator trains on')
     parser.add_argument('--discriminator_steps', type=int, default=3000, help='discriminator steps (batch 128)')
     parser.add_argument('--lr', type=float, default=1e-3, help="discriminator Adam lr (configs/toy2d_dg.py's)")
     parser.add_argument('--num_samples', type=int, default=8192)
