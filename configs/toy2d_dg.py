@@ -8,7 +8,9 @@ train an MLP discriminator on its samples, sample guided (each a few minutes on 
 The OT-paired discriminator: --config.discriminator.pairing=aot (and another --workdir). The discriminator reads
 x itself (features='none'): the toy model has no convolutional encoder. Its input scale c_in uses sigma_data 1.4
 (the data's per-coordinate std), as the model's preconditioning does. lr 1e-3 instead of the authors' 3e-4: the
-small MLP fits the 2-D log ratio within 3000 steps at it (benchmarks/dg_exact.py).
+small MLP fits the 2-D log ratio within 3000 steps at it (benchmarks/dg_exact.py). The guidance window is the
+authors' (sigma >= 0.0447, no upper bound); on this toy, closing it above sigma = 1
+(--config.sampling.guidance.sigma_max=1.0) gave better samples (benchmarks/RESULTS.md, discriminator guidance).
 """
 from configs import dg_common, toy2d_edm
 
