@@ -69,9 +69,10 @@ class UNetEncoder(nn.Module):
 class TanhMLP(nn.Module):
     """The authors' 2-D network: concat(x flattened, t) -> num_layers x [Dense(hidden_dim), tanh] -> Dense(out).
 
-    `apply(variables, x [B, ...], noise_labels [B], class_labels=None, augment_labels=None, train=False,
-    return_bottleneck=False)` -> [B, out_features] reshaped to x.shape when out_features is 0 (= x's size); with
-    return_bottleneck also the last hidden activation. Used raw (no preconditioning) as a velocity network."""
+    `apply(variables, x [B, ...], noise_labels [B], class_labels=None, augment_labels=None, train=False)` ->
+    [B, out_features], reshaped to x.shape when out_features is 0 (= x's size). Used raw (no preconditioning) as a
+    velocity network. It sows no 'bottleneck' (models/__init__.py): AMED's predictor reads a [B, h, w, C] feature map,
+    which a 2-D MLP does not have, so on this network it reads zeros and learns a per-step schedule."""
     hidden_dim: int = 100
     num_layers: int = 2
     out_features: int = 0
@@ -83,8 +84,7 @@ class TanhMLP(nn.Module):
                              f'>= 1, model.out_features={self.out_features} >= 0')
 
     @nn.compact
-    def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False,
-                 return_bottleneck=False):
+    def __call__(self, x, noise_labels, class_labels=None, augment_labels=None, train=False):
         del class_labels, augment_labels, train
         self.validate()
         batch = x.shape[0]
@@ -94,9 +94,7 @@ class TanhMLP(nn.Module):
             h = jnp.tanh(nn.Dense(self.hidden_dim, dtype=self.dtype, name=f'layer{index}')(h))
         out_dtype = jnp.promote_types(self.dtype, jnp.float32)          # bf16 compute -> float32 out
         out = nn.Dense(self.out_features or x[0].size, dtype=self.dtype, name='output')(h).astype(out_dtype)
-        if not self.out_features:
-            out = out.reshape(x.shape)
-        return (out, h.astype(out_dtype)) if return_bottleneck else out
+        return out if self.out_features else out.reshape(x.shape)
 
 
 class MLPEncoder(nn.Module):
