@@ -344,7 +344,7 @@ def time_convs(model, variables, batch_size, shape, repeats, train):
     the forward only, or (train) forward + input and kernel gradients, at batch `batch_size`."""
     x = jax.ShapeDtypeStruct((batch_size, *shape), jnp.float32)
     c = jax.ShapeDtypeStruct((batch_size,), jnp.float32)
-    algorithm = layers.resolve_conv_algorithm(getattr(model, 'conv_algorithm', 'xla'))
+    algorithm = getattr(model, 'conv_algorithm', 'xla')   # resolved per layer, as in the network
     wall = cpu = 0.0
     for (in_shape, kernel, padding, dtype), count in conv_layers(model, variables, x, c).items():
         rng = np.random.default_rng(0)
@@ -551,7 +551,8 @@ def main(argv=None):
         shape = tuple(config.data.shape)
         variables = jax.jit(lambda key: train_step.ema_item(
             train_step.init_state(setup.modules, setup.optimizer, shape, key)))(jax.random.key(0))
-    result['conv_algorithm'] = layers.resolve_conv_algorithm(getattr(setup.model, 'conv_algorithm', 'xla'))
+    result['conv_algorithm'] = layers.resolve_conv_algorithm(getattr(setup.model, 'conv_algorithm', 'xla'),
+                                                             getattr(setup.model, 'dtype', jnp.float32))
     sample_batch = args.sample_batch or config.training.batch_size
     forward_runner = None
     if not {'forward', 'sample'} <= skip:

@@ -13,15 +13,17 @@ Differences from EDM's recipe (configs/cifar_edm.py), as a table:
 |------------------------|-------------------------------------------|-----------------------------------------|
 | loss                   | flow, pairing fastode, beta 20            | rectified flow + encoder, weight_prior 20 |
 | model                  | ddpmpp, augment_dim 0 (55,732,739 params) | cifar10_de.json (55.732739M)            |
-| encoder                | fastode_encoder: 32 ch, (2,2,2), 2 blocks, attn 16, dropout 0.13 | cifar10_en.json |
+| encoder                | fastode_encoder: 32 ch, (2, 2, 2), 2 blocks, attention at 16, dropout 0.13 | cifar10_en.json |
 | batch / iterations     | 128 / total_images 64M (500k steps)       | 128 / 500k                              |
 | lr / warm-up           | 2e-4 / lr_rampup_images 640k (5k steps)   | 2e-4 / 5k steps, linear                 |
 | optimizer              | Adam (0.9, 0.999, 1e-8), one for both nets | Adam, same                             |
-| EMA                    | ema_halflife_images 887,184, no ramp-up = decay 0.9999 per step | EMA 0.9999 (flow net and encoder) |
+| EMA                    | half-life 887,184 images, no ramp-up = 0.9999 per step | EMA 0.9999, both nets  |
 | augmentation           | horizontal flips only                     | RandomHorizontalFlip                    |
-| sampling               | EDM's Heun grid, 18 steps (35 NFE; sigma-space Heun needs a geometric grid) | Euler / Heun in t, uniform t |
+| sampling               | EDM's Heun and grid, 35 NFE (see below)   | Euler / Heun in t on uniform t          |
 
-Generation never uses the encoder (z ~ N(0, I)); every sampler runs on the flow through `flow.precond`.
+Generation never uses the encoder (z ~ N(0, I)); every sampler runs on the flow through `flow.precond`. Sigma-space
+Heun wants a geometric grid: on the uniform-t grid ('flow_uniform') its first step extrapolates
+(`flow.uniform_schedule`); Euler there is the authors' Euler.
 configs/cifar_rectified_flow.py is the independent baseline. Needs the prepared tfds CIFAR-10 (configs/cifar_edm.py).
 """
 from ml_collections import config_dict

@@ -8,13 +8,14 @@
 | field              | here                                                   | authors (MNIST 28x28)              |
 |--------------------|--------------------------------------------------------|------------------------------------|
 | data               | digits 16x16x1 (offline)                               | MNIST 28x28                        |
-| flow net / encoder | ddpmpp / fastode_encoder: 32 ch, (2,2,2), 2 blocks, dropout 0.13, no attention | mnist_de / mnist_en.json (attention at 16, a resolution a 28x28 UNet never has) |
+| flow net, encoder  | ddpmpp, fastode_encoder: 32 ch, (2, 2, 2), 2 blocks, dropout 0.13, no attention | mnist_de.json, mnist_en.json |
 | loss               | flow, fastode, beta 20                                 | weight_prior 20                    |
 | batch / iterations | 256 / 60k steps                                        | 256 / 60k                          |
 | lr / warm-up       | 3e-4 / 8k steps                                        | 3e-4 / 8k                          |
 | EMA                | decay 0.9999 per step (half-life 1,774,368 images)     | 0.9999                             |
 | sampling           | EDM's Heun grid, 18 steps (35 NFE)                     | Euler / Heun in t, uniform t       |
 
+The authors' json asks for attention at 16x16, a resolution their 28x28 UNet never has (28, 14, 7): none here.
 Sized for one accelerator; on a CPU run a few hundred steps (--config.training.total_images=...).
 """
 from configs import common, fastode_common

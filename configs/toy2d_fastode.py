@@ -8,8 +8,8 @@ Adam lr 1e-3, batch 512, 100k iterations (a few minutes on a CPU).
 
 | field        | here                                                  | authors                                       |
 |--------------|-------------------------------------------------------|-----------------------------------------------|
-| data         | two_gaussians, fresh samples every step, both modes in every batch | 100k fixed samples per mode, batches alternate between the modes |
-| prior        | N(0, I)                                               | N(0, diag(36, 1)) by default (their --no_wide_prior: N(0, I)) |
+| data         | two_gaussians, fresh samples, both modes per batch    | 100k samples per mode, batches alternate  |
+| prior        | N(0, I)                                               | N(0, diag(36, 1)); --no_wide_prior: N(0, I) |
 | model        | tanh_mlp (2 hidden layers of 100, time fed raw)       | MLP, same                                     |
 | encoder      | fastode_mlp_encoder (the same MLP, t = 1, 4 outputs)  | MLP(output_dim=4)                             |
 | EMA          | short (half-life 100 steps)                           | none (they sample the raw weights)            |

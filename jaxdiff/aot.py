@@ -85,7 +85,6 @@ def aot_pairing(*, pool_size=None, pool_reuse=True, coupling_method='exact', cou
         return size_of(batch_size) // batch_size if pool_reuse else 1
 
     def check(batch_size, num_devices, parallelism):
-        del num_devices        # P is a multiple of B, which the loop checks against the devices
         P = size_of(batch_size)
         if isinstance(P, bool) or not isinstance(P, int) or P < batch_size or P % batch_size:
             raise UserError(f'config.loss.pool_size={pool_size!r} must be a multiple of training.batch_size='
@@ -93,6 +92,12 @@ def aot_pairing(*, pool_size=None, pool_reuse=True, coupling_method='exact', cou
         if parallelism != 'jit':
             raise UserError(f"config.loss.pool_size={pool_size!r}: loss.pairing='aot' needs training.parallelism="
                             f"'jit' (one global pool; got {parallelism!r})")
+        if period_of(batch_size) == 1 and coupling_method == 'exact' and coupling_solver == 'scipy' \
+                and num_devices > 1 and jax.default_backend() == 'cpu':
+            # the host callback would run inside the sharded step, where XLA:CPU's collectives deadlock around it
+            raise UserError("config.loss.coupling_solver='scipy' pairs inside the training step when each pool "
+                            'serves one step, which XLA:CPU cannot run on several devices; use coupling_solver='
+                            "'hungarian', pool_reuse=True with pool_size > batch_size, or one device")
 
     def rows(batch_size):
         P, period = size_of(batch_size), period_of(batch_size)

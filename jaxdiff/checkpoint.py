@@ -11,12 +11,9 @@ line saying which and why, for the newest one that reads; none is ever deleted. 
 other shapes than the config's model is not skipped (every older one would disagree too): that is a one-line
 error naming the array and both shapes.
 """
-import contextlib
+import logging
 import os
-import re
 import sys
-import tempfile
-import time
 
 import jax
 import orbax.checkpoint as ocp
@@ -35,6 +32,7 @@ class Checkpoints:
     """Saved when forced (the loop decides when), keeping the newest `keep_checkpoints`."""
 
     def __init__(self, workdir, *, keep_checkpoints=3, read_only=False):
+        quiet_abandoned_reads()
         self.directory = directory_of(workdir)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=not read_only,
                                                read_only=read_only)
@@ -65,9 +63,8 @@ class Checkpoints:
         if mismatch:
             raise ShapeMismatch(f'checkpoint {path} was written by another model: {mismatch}')
         try:
-            with without_closed_loop_reports():
-                restored = self.manager.restore(step, args=ocp.args.Composite(
-                    **{item: ocp.args.StandardRestore(abstract)}))
+            restored = self.manager.restore(step, args=ocp.args.Composite(
+                **{item: ocp.args.StandardRestore(abstract)}))
         except Exception as e:  # orbax raises many types; the user needs the path and the first line
             raise Unreadable(f'cannot read checkpoint {path}: {type(e).__name__}: {_first_line(e)}') from e
         return restored[item]
@@ -75,8 +72,7 @@ class Checkpoints:
     def _shape_mismatch(self, step, item, abstract):
         """'array A has shape S in the checkpoint, T in the config' for the first differing array, else None."""
         try:
-            with without_closed_loop_reports():
-                metadata = self.manager.item_metadata(step)[item]
+            metadata = self.manager.item_metadata(step)[item]
             saved = {_path_name(p): tuple(leaf.shape) for p, leaf in
                      jax.tree_util.tree_flatten_with_path(metadata)[0] if hasattr(leaf, 'shape')}
         except Exception:   # unreadable metadata: let the restore report it
@@ -143,37 +139,38 @@ def restore_latest(workdir, abstract, *, item='state', log=None, set_aside=False
         checkpoints.close()
 
 
-@contextlib.contextmanager
-def without_closed_loop_reports():
-    """stderr (file descriptor 2) captured while a restore runs and written back afterwards, less the tracebacks
-    'RuntimeError: Event loop is closed' that TensorStore's reader threads print when orbax has given up on a
-    corrupt checkpoint while other reads of it were still in flight (they arrive late: wait for them)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile(mode='w+b') as captured:
-        os.dup2(captured.fileno(), 2)
-        failed = True
-        try:
-            yield
-            failed = False
-        finally:
-            if failed:   # late reports: wait until the captured output has been quiet for a second (<= 10 s)
-                size, quiet_since, start = -1, time.monotonic(), time.monotonic()
-                while time.monotonic() - quiet_since < 1.0 and time.monotonic() - start < 10.0:
-                    time.sleep(0.1)
-                    now_size = os.fstat(captured.fileno()).st_size
-                    if now_size != size:
-                        size, quiet_since = now_size, time.monotonic()
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            text = captured.read().decode(errors='replace')
-            kept = re.sub(r'Traceback \(most recent call last\):\n(?:[ \t].*\n)*RuntimeError: Event loop is closed\n?',
-                          '', text)
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
+def _is_abandoned_read(error):
+    """True for what TensorStore's reader threads report after orbax gave up on a corrupt checkpoint with other
+    reads of it still in flight: 'Event loop is closed' (orbax's asyncio loop ended) and the later read errors of
+    that checkpoint, which `restore_latest` has already reported in one line."""
+    message = str(error)
+    return (isinstance(error, RuntimeError) and message == 'Event loop is closed') or \
+        message.startswith('Encountered error while reading array index') or \
+        (isinstance(error, ValueError) and 'tensorstore_spec' in message)
+
+
+class _AbandonedTaskFilter(logging.Filter):
+    """Drops asyncio's 'Task exception was never retrieved' records for `_is_abandoned_read`s."""
+
+    def filter(self, record):
+        error = record.exc_info[1] if record.exc_info else None
+        return not (error is not None and _is_abandoned_read(error))
+
+
+def quiet_abandoned_reads():
+    """Installs, once per process, filters for `_is_abandoned_read` reports: a sys.unraisablehook (reports from
+    threads) and a filter on asyncio's logger (tasks never awaited), passing every other report on. They arrive
+    at any later time, from threads, so filtering captured output cannot catch them all."""
+    previous = sys.unraisablehook
+    if getattr(previous, 'drops_abandoned_reads', False):
+        return
+
+    def hook(unraisable):
+        if not _is_abandoned_read(unraisable.exc_value):
+            previous(unraisable)
+    hook.drops_abandoned_reads = True
+    sys.unraisablehook = hook
+    logging.getLogger('asyncio').addFilter(_AbandonedTaskFilter())
 
 
 def _set_aside(workdir, path):

@@ -84,8 +84,10 @@ FIELDS = dict(
     batch_size=128, num_steps=4_000, lr=3e-4, weight_decay=1e-7, seed=0,
     log_every_steps=100, eval_every_steps=500, checkpoint_every_steps=1_000, keep_checkpoints=2,
 )
-GUIDANCE_FIELDS = dict(discriminator_workdir=None, weight=2.0, sigma_min=float(precond.vp_sigma_of_t(0.01)),
-                       sigma_max=float('inf'), first_evaluation_only=True, boosting=False)
+# NumPy in (precond's rule): a module import must not start JAX's backend (jax.distributed.initialize comes later)
+GUIDANCE_FIELDS = dict(discriminator_workdir=None, weight=2.0,
+                       sigma_min=float(precond.vp_sigma_of_t(np.float64(0.01))), sigma_max=float('inf'),
+                       first_evaluation_only=True, boosting=False)
 
 
 # ---------------------------------------------------------------- settings
@@ -383,14 +385,13 @@ def train(config, workdir, *, real_source, heldout, generated, frozen=None, deno
             json.dump(describe(s, input_shape, s['model_workdir'], model_step), f, indent=1)
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=s['keep_checkpoints'])
     try:
-        with checkpoint_lib.without_closed_loop_reports():
-            if checkpoints.latest_step() is not None:
-                abstract = checkpoint_lib.abstract_like(jax.eval_shape(init_state, init_key), mesh_lib.replicated(mesh))
-                step, state = checkpoint_lib.restore_latest(workdir, abstract, set_aside=True)
-                checkpoints.reload()
-                print(f'resuming from {checkpoints.directory}/{step}', flush=True)
-            else:
-                state = jax.jit(init_state, out_shardings=mesh_lib.replicated(mesh))(init_key)
+        if checkpoints.latest_step() is not None:
+            abstract = checkpoint_lib.abstract_like(jax.eval_shape(init_state, init_key), mesh_lib.replicated(mesh))
+            step, state = checkpoint_lib.restore_latest(workdir, abstract, set_aside=True)
+            checkpoints.reload()
+            print(f'resuming from {checkpoints.directory}/{step}', flush=True)
+        else:
+            state = jax.jit(init_state, out_shardings=mesh_lib.replicated(mesh))(init_key)
         return _loop(s, workdir, discriminator, optimizer, state, checkpoints, mesh, frozen, real_source, heldout,
                      generated, eval_key, is_main, should_stop)
     finally:

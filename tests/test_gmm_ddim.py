@@ -213,7 +213,8 @@ def test_nfe_equals_ddim_and_counted_calls():
 
 def test_bad_options_are_one_line_value_errors():
     for options in ({'variant': 'nope'}, {'num_components': 1}, {'scale': -1.0}, {'eta': 1.5},
-                    {'weights': [0.5, 0.5]}, {'covariance': 'full'}, {'delta_form': 'x'}):
+                    {'weights': [0.5, 0.5], 'num_components': 4}, {'weights': [1.5, -0.5]}, {'weights': [1.0]},
+                    {'covariance': 'full'}, {'delta_form': 'x'}):
         with pytest.raises(ValueError):
             samplers.get('gmm_ddim', **options)
     sampler = samplers.get('gmm_ddim', num_components=8, variant='ortho')

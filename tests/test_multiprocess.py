@@ -203,6 +203,20 @@ def test_initialize_errors_are_one_line_user_errors():
     assert 'coordinator_address' in line and 'launch/' in line
 
 
+def test_importing_jaxdiff_starts_no_backend():
+    """jax.distributed.initialize() must run before JAX's backend starts: no module may compute at import
+    (a module-level jnp value started it once, and every multi-process run stopped with 'already used JAX')."""
+    script = ('import importlib, pkgutil, jaxdiff\n'
+              'for m in pkgutil.walk_packages(jaxdiff.__path__, "jaxdiff."):\n'
+              '    importlib.import_module(m.name)\n'
+              'from jax._src import xla_bridge\n'
+              'print(sorted(xla_bridge._backends))\n')
+    result = subprocess.run([sys.executable, '-c', script], cwd=REPO, env=cpu_env(1), capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == '[]', result.stdout
+
+
 # ---------------------------------------------------------------- the launch scripts
 
 SCRIPTS = ('local_multiprocess.sh', 'slurm_gpu.sbatch', 'tpu_pod.sh')

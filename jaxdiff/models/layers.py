@@ -76,8 +76,18 @@ def _weighted_sum(coefficients, terms):
     return total
 
 
+def _pairs(x, axis):
+    """x [..., 2 n, ...] -> [..., n, 2, ...]: each even / odd pair along `axis` gets its own axis (a free reshape)."""
+    return x.reshape(*x.shape[:axis], x.shape[axis] // 2, 2, *x.shape[axis + 1:])
+
+
 def _down_axis(x, f, padding, axis):
-    """y[o] = sum_k f[k] x_pad[2 o + k] along `axis` (a stride-2 correlation), as len(f) strided slices."""
+    """y[o] = sum_k f[k] x_pad[2 o + k] along `axis` (a stride-2 correlation), as len(f) strided slices; a 2-tap
+    filter without padding on an even axis is a weighted sum of each pair (a reshape and a reduction)."""
+    if len(f) == 2 and padding == 0 and x.shape[axis] % 2 == 0:
+        pairs = _pairs(x, axis)
+        weights = jnp.asarray(f, x.dtype).reshape((2,) + (1,) * (x.ndim - axis - 1))
+        return (pairs * weights).sum(axis=axis + 1)
     pad = [(0, 0)] * x.ndim
     pad[axis] = (padding, padding)
     x = jnp.pad(x, pad)
@@ -93,6 +103,11 @@ def _up_axis(x, g, padding, axis):
     with r + p - k even, so each phase r is a sum of shifted copies of x, and the two phases interleave."""
     n, K = x.shape[axis], len(g)
     n_out = 2 * (n - 1) + K - 2 * padding
+    if K == 2 and padding == 0:   # y[2 j + r] = g[r] x[j]: each entry repeated with the weights g (a broadcast)
+        weights = jnp.asarray(g, x.dtype).reshape((2,) + (1,) * (x.ndim - axis - 1))
+        y = jnp.expand_dims(x, axis + 1) * weights if np.any(g != 1) else \
+            jnp.broadcast_to(jnp.expand_dims(x, axis + 1), (*x.shape[:axis + 1], 2, *x.shape[axis + 1:]))
+        return y.reshape(*x.shape[:axis], 2 * n, *x.shape[axis + 1:])
     phases = []
     for r in range(2):
         j_count = (n_out - r + 1) // 2
@@ -130,15 +145,20 @@ def downsample(x, resample_filter, padding=None):
 
 
 CONV_ALGORITHMS = ('auto', 'xla', 'winograd')
-# 'auto' by backend, from benchmarks/RESULTS.md ("conv_algorithm"); any other backend: XLA's convolution.
+# 'auto' by backend for float32 convolutions, as measured in benchmarks/RESULTS.md ("conv_algorithm"): on XLA:CPU
+# Winograd is faster forward and much faster backward (XLA:CPU's weight-gradient convolution is slow at 32x32);
+# elsewhere (cuDNN, TPU) XLA's convolution. Other dtypes (bf16) always use XLA's convolution, whose accumulation
+# is float32: Winograd's transforms in bf16 would add rounding.
 AUTO_CONV_ALGORITHM = {'cpu': 'winograd'}
 
 
-def resolve_conv_algorithm(conv_algorithm):
+def resolve_conv_algorithm(conv_algorithm, dtype=jnp.float32):
     """'xla' or 'winograd' for `conv_algorithm` ('auto': AUTO_CONV_ALGORITHM of the default backend)."""
     if conv_algorithm not in CONV_ALGORITHMS:
         raise ValueError(f'model.conv_algorithm={conv_algorithm!r}; valid: {", ".join(CONV_ALGORITHMS)}')
     if conv_algorithm == 'auto':
+        if jnp.dtype(dtype) != jnp.float32:
+            return 'xla'
         return AUTO_CONV_ALGORITHM.get(jax.default_backend(), 'xla')
     return conv_algorithm
 
@@ -152,7 +172,7 @@ def conv2d(x, w, padding, conv_algorithm='xla'):
     kh, kw, cin, cout = w.shape
     if kh == kw == 1 and padding == 0:
         return jnp.einsum('bhwc,co->bhwo', x, w[0, 0])
-    if (kh, kw) == (3, 3) and resolve_conv_algorithm(conv_algorithm) == 'winograd' \
+    if (kh, kw) == (3, 3) and resolve_conv_algorithm(conv_algorithm, x.dtype) == 'winograd' \
             and min(cin, cout) >= winograd.MIN_CHANNELS:
         return winograd.conv3x3(x, w, padding)
     return jax.lax.conv_general_dilated(x, w, window_strides=(1, 1), padding=[(padding, padding)] * 2,

@@ -54,11 +54,16 @@ def input_transform(x_pad, tiles_h, tiles_w):
 
 
 def output_transform(M):
-    """M [4 (w), 4 (h), B, tiles_h, tiles_w, O] -> Y [B, 2 tiles_h, 2 tiles_w, O] = A^T M A per tile."""
+    """M [4 (w), 4 (h), B, tiles_h, tiles_w, O] -> Y [B, 2 tiles_h, 2 tiles_w, O] = A^T M A per tile.
+
+    The 2x2 outputs of each tile are stacked next to their tile's axes ([B, th, 2, tw, 2, O], then a free
+    reshape): built in place, with no transpose for XLA to copy."""
     cols = [_combine(A_T[q], [M[b] for b in range(TILE)]) for q in range(OUT)]         # [4 (h), B, th, tw, O]
-    y = jnp.stack([jnp.stack([_combine(A_T[p], [col[a] for a in range(TILE)]) for col in cols]) for p in range(OUT)])
-    batch, tiles_h, tiles_w, channels = y.shape[2:]                                   # y [2 (h), 2 (w), B, ...]
-    return y.transpose(2, 3, 0, 4, 1, 5).reshape(batch, OUT * tiles_h, OUT * tiles_w, channels)
+    rows = [jnp.stack([_combine(A_T[p], [col[a] for a in range(TILE)]) for col in cols], axis=3)
+            for p in range(OUT)]                                                      # [B, th, tw, 2 (w), O]
+    y = jnp.stack(rows, axis=2)                                                       # [B, th, 2 (h), tw, 2, O]
+    batch, tiles_h, _, tiles_w, _, channels = y.shape
+    return y.reshape(batch, OUT * tiles_h, OUT * tiles_w, channels)
 
 
 def output_transform_transpose(dy):
@@ -98,7 +103,7 @@ def _geometry(x, padding):
 
 def _batched_matmul(V, U):
     """M[b, a] = V[b, a] U[b, a]: 16 matmuls [B * tiles, C] x [C, O]."""
-    return jnp.einsum('bansc,baco->banso', V, U, precision=jax.lax.Precision.HIGHEST)
+    return jnp.einsum('bansc,baco->banso', V, U)
 
 
 def _forward(x, w, padding):
@@ -129,7 +134,7 @@ def _conv3x3_bwd(padding, residuals, dy):
     dy_pad = jnp.pad(dy, ((0, 0), (0, OUT * tiles_h - out_h), (0, OUT * tiles_w - out_w), (0, 0)))
     dM = output_transform_transpose(dy_pad)
     flat = lambda t: t.reshape(*t.shape[:2], -1, t.shape[-1])
-    dU = jnp.einsum('banc,bano->baco', flat(V), flat(dM), precision=jax.lax.Precision.HIGHEST)
+    dU = jnp.einsum('banc,bano->baco', flat(V), flat(dM))
     return dx, filter_transform_transpose(dU).astype(w.dtype)
 
 

@@ -104,11 +104,18 @@ class Refresher:
         self.period = self.rows[0].period if self.rows else None
         self.key = train_step_lib.refresh_key(seed)
         self.cached = None
+        self.parallel = parallel
+        # One process with several devices: the refresh runs on one device and its output is then split over the
+        # mesh. Under the mesh, XLA:CPU deadlocks in the collectives around a host callback (the exact
+        # assignment), seen with 8 CPU devices; the rows are one pool, cheap to move.
+        self._one_device = None
+        if parallel.name == 'jit' and jax.process_count() == 1 and parallel.mesh.devices.size > 1:
+            self._one_device = parallel.mesh.devices.flat[0]
         if self.refresh is not None:
             # the output joins batches sharded on axis 0: it must come out that way (pmap: per device)
-            shardings = {'out_shardings': mesh_lib.batch_sharding(parallel.mesh)} if parallel.name == 'jit' else {}
+            shardings = {'out_shardings': mesh_lib.batch_sharding(parallel.mesh)} \
+                if parallel.name == 'jit' and self._one_device is None else {}
             self._refresh = jax.jit(lambda rows, key: self.refresh(rows, key, augment), **shardings)
-        self.parallel = parallel
 
     def __call__(self, step, batch):
         if not self.rows:
@@ -116,7 +123,12 @@ class Refresher:
         names = [name for r in self.rows for name in (r.name, r.name + '_label')]
         if any(name in batch for name in names):
             fetched = {name: batch[name] for name in names}
-            self.cached = self._refresh(fetched, jax.random.fold_in(self.key, step // self.period))
+            key = jax.random.fold_in(self.key, step // self.period)
+            if self._one_device is None:
+                self.cached = self._refresh(fetched, key)
+            else:
+                fetched, key = jax.device_put((fetched, key), self._one_device)
+                self.cached = jax.device_put(self._refresh(fetched, key), mesh_lib.batch_sharding(self.parallel.mesh))
         batch = {name: value for name, value in batch.items() if name not in names}
         return {**batch, **self.cached}
 
@@ -140,9 +152,8 @@ def run(config, workdir, *, source=None, devices=None):
     num_steps = train_step_lib.total_steps(config)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
-        with checkpoint_lib.without_closed_loop_reports():   # a corrupt step makes orbax's readers complain
-            checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=t.keep_checkpoints)
-            state = _initial_state(config, workdir, setup, parallel, mesh, checkpoints)
+        checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=t.keep_checkpoints)
+        state = _initial_state(config, workdir, setup, parallel, mesh, checkpoints)
         try:
             return _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps, is_main, state)
         finally:
@@ -191,7 +202,8 @@ def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps
                 if step == start:
                     jax.block_until_ready(state)  # compile time stays out of images/s
                     log.start(done)
-                last = done == num_steps or stop.requested
+                stopping = stop.requested   # read once: a signal arriving later in this step waits for the next
+                last = done == num_steps or stopping
                 log_now = done % t.log_every_steps == 0 or last
                 save_now = done % t.checkpoint_every_steps == 0 or last
                 sample_now = generator is not None and (done % t.sample_every_steps == 0 or last)
@@ -220,7 +232,7 @@ def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps
                         path = images.save_picture(os.path.join(workdir, 'samples', f'step_{done:08d}.png'), picture)
                         log.image('samples', picture, done)
                         print(f'wrote {path}', flush=True)
-                if stop.requested:
+                if stopping:
                     break
     finally:
         batches.close()

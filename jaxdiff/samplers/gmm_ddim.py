@@ -204,7 +204,8 @@ def _gmm_ddim_for_dimension(*, weights, variant, **options):
             built[dim] = gmm_ddim(num_components=k, weights=weights, variant=variant, **options)
         return built[dim]
 
-    probe = gmm_ddim(num_components=2, weights=None, variant=variant, **options)   # checks the other options
+    probe = gmm_ddim(num_components=2 if weights is None else len(weights), weights=weights, variant=variant,
+                     **options)                                                   # checks every option now
 
     def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
         return for_dim(int(np.prod(np.shape(x_T)[1:])))(denoiser, x_T, sigmas, key=key,
