@@ -320,8 +320,10 @@ def main():
         print(f'wrote {args.plot}')
     print(f'\ntotal {time.perf_counter() - start:.0f} s on {cpu_name()}', flush=True)
     if args.json:
+        meta = dict(command=' '.join(['benchmarks/fastode_curvature.py'] + sys.argv[1:]), cpu=cpu_name(),
+                    jax=jax.__version__, steps=args.steps, seeds=seeds, seconds=time.perf_counter() - start)
         with open(args.json, 'w') as f:
-            json.dump(everything, f, indent=1)
+            json.dump({'meta': meta, **everything}, f, indent=1)
 
 
 if __name__ == '__main__':

@@ -5,7 +5,8 @@
     python -m jaxdiff.main --config=configs/digits_amed.py --workdir=runs/quickstart --mode=sample --config.sampling.sampler=amed --config.sampling.predictor_workdir=runs/digits_amed_nfe5
 
 NFE = 2 (num_points - 1) - afs (num_points 4 with AFS: NFE 5). The iPNDM plugin: --config.amed.base=ipndm
---config.amed.schedule=edm --config.amed.teacher=ipndm --config.amed.extra_points=2 (as configs/cifar_amed_ipndm.py).
+--config.amed.schedule=edm --config.amed.schedule_options={} --config.amed.teacher=ipndm --config.amed.extra_points=2
+(as configs/cifar_amed_ipndm.py; EDM's grid takes no epsilon_s).
 """
 from configs import cifar_amed, quickstart
 

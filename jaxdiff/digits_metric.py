@@ -10,7 +10,8 @@ The classifier (`jaxdiff.models.digits_classifier`) is trained deterministically
 full-batch Adam for a fixed number of steps, no data order. Its accuracy on the 297 held-out 'test' digits is
 printed. The features are its penultimate layer (before the ReLU) times one fixed scalar (unit RMS over the training
 digits). The reference statistics are the features of the same 1500 training digits; `data_fd` (the FD of the
-held-out digits against them) is the floor a perfect generator would reach with a sample of that size.
+held-out digits against them) is what real digits not trained on reach: a yardstick at that sample size, not a
+floor (a generator that reproduces the training digits scores lower).
 """
 import functools
 import time

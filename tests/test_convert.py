@@ -32,15 +32,6 @@ SMALL = dict(img_resolution=16, in_channels=3, out_channels=3, augment_dim=9, mo
              label_dropout=0.0)
 
 
-def has_fourier_variable():
-    return edm._freqs_location(edm.variable_shapes(edm.build_model(dict(SMALL, **ARCHS['ncsnpp'])))) is not None
-
-
-def needs_stored_freqs(arch):
-    if ARCHS[arch]['embedding_type'] == 'fourier' and not has_fourier_variable():
-        pytest.skip("jaxdiff's SongUNet keeps no Fourier-frequency variable yet")
-
-
 def small_fields(arch, label_dim):
     return dict(SMALL, label_dim=label_dim, **ARCHS[arch])
 
@@ -92,8 +83,7 @@ def test_edm_names_and_shapes_of_the_cifar10_networks():
     for name, shape in EDM_NCSNPP_UNCOND.items():
         assert ncsnpp.get(name) == shape, name
     assert 'model.map_label.weight' not in ncsnpp and count(ncsnpp) == 56_397_827
-    if has_fourier_variable():
-        assert ncsnpp['model.map_noise.freqs'] == (128,)
+    assert ncsnpp['model.map_noise.freqs'] == (128,)       # the NCSN++ draw, a stored buffer (not counted)
     # The mapping of single names, both ways.
     assert edm.jaxdiff_path('enc.16x16_down.norm0.weight', 1) == ('enc_16x16_down', 'norm0', 'scale')
     assert edm.jaxdiff_path('map_layer0.weight', 2) == ('map_layer0', 'kernel')
@@ -103,7 +93,6 @@ def test_edm_names_and_shapes_of_the_cifar10_networks():
 @pytest.mark.parametrize('arch', sorted(ARCHS))
 @pytest.mark.parametrize('label_dim', [0, 10])
 def test_state_dict_round_trip_and_same_output(arch, label_dim):
-    needs_stored_freqs(arch)
     fields = small_fields(arch, label_dim)
     model = edm.build_model(fields)
     variables = random_variables(model)
@@ -180,7 +169,7 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_torch_saved_state_dict(tmp_path):
     torch = pytest.importorskip('torch')
-    arch = 'ncsnpp' if has_fourier_variable() else 'ddpmpp'
+    arch = 'ncsnpp'                  # the Fourier frequencies travel with the state dict
     fields = small_fields(arch, 0)
     model = edm.build_model(fields)
     variables = random_variables(model)
@@ -283,7 +272,6 @@ def edm_like_pickle(torch, tmp_path, state_dict, precond_class, precond_attribut
 @pytest.mark.parametrize('arch', ['ddpmpp', 'ncsnpp'])
 def test_edm_pickle_without_edm_code(tmp_path, arch):
     torch = pytest.importorskip('torch')
-    needs_stored_freqs(arch)
     fields = dict(small_fields(arch, 10), dropout=0.13)   # dropout: read from the pickle's init kwargs
     model = edm.build_model(fields)
     variables = random_variables(model)
