@@ -44,12 +44,6 @@ import numpy as np
 from jaxdiff import precond as precond_lib
 
 
-def _per_example(c, x):
-    """c (scalar or [B]) as [B, 1, ..., 1] against x [B, ...]."""
-    c = jnp.broadcast_to(jnp.asarray(c, x.dtype), x.shape[:1])
-    return c.reshape(c.shape + (1,) * (x.ndim - 1))
-
-
 def sigma_of_t(t):
     """sigma = t / (1 - t): x_t / (1 - t) = x + sigma z is the VE form x0 + sigma eps of SPEC.md."""
     return t / (1 - t)
@@ -73,17 +67,17 @@ def denoiser_from_velocity(velocity_fn):
     def convert(x, sigma):
         sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:1])
         t = t_of_sigma(sigma)
-        return x / _per_example(1 + sigma, x), t
+        return x / precond_lib.per_example(1 + sigma, x, x.dtype), t
 
     def denoiser(x, sigma):
         x_t, t = convert(x, sigma)
-        return x_t - _per_example(t, x) * velocity_fn(x_t, t).astype(x.dtype)
+        return x_t - precond_lib.per_example(t, x, x.dtype) * velocity_fn(x_t, t).astype(x.dtype)
 
     if hasattr(velocity_fn, 'with_aux'):
         def with_aux(x, sigma):
             x_t, t = convert(x, sigma)
             v, aux = velocity_fn.with_aux(x_t, t)
-            return x_t - _per_example(t, x) * v.astype(x.dtype), aux
+            return x_t - precond_lib.per_example(t, x, x.dtype) * v.astype(x.dtype), aux
         denoiser.with_aux = with_aux
     return denoiser
 
@@ -115,7 +109,7 @@ def sample_sigma(key, shape, t_min=1e-5):
 
 def interpolate(x, z, t):
     """x_t = t z + (1 - t) x (Eq. 3); t [B] or scalar."""
-    t = _per_example(t, x)
+    t = precond_lib.per_example(t, x, x.dtype)
     return t * z + (1 - t) * x
 
 

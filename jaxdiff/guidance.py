@@ -41,12 +41,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff import precond
 from jaxdiff.samplers import common
-
-
-def _per_example(c, x):
-    c = jnp.broadcast_to(jnp.asarray(c, x.dtype), x.shape[:1])
-    return c.reshape(c.shape + (1,) * (x.ndim - 1))
 
 
 def clipped_log_ratio(logit, eps=1e-5):
@@ -89,8 +85,8 @@ class GuidedDenoiser:
                 jax.debug.callback(self._on_gradient)
             batch_sum = lambda x: (lambda l: (jnp.sum(l), l))(self.logit_fn(x, sigma).astype(x.dtype))
             (_, log_ratio), grad = jax.value_and_grad(batch_sum, has_aux=True)(x)
-            delta = self.weight * _per_example(sigma, x) ** 2 * grad
-            mask = _per_example(active, x)
+            delta = self.weight * precond.per_example(sigma, x, x.dtype) ** 2 * grad
+            mask = precond.per_example(active, x, x.dtype)
             return jnp.where(mask, delta, 0).astype(x.dtype), jnp.where(active, log_ratio, jnp.inf)
 
         return jax.lax.cond(jnp.any(active), guided, lambda: unguided)
@@ -170,7 +166,7 @@ def guided_heun(*, first_evaluation_only=True, boosting=False, s_churn=0.0, s_mi
                 noise = jnp.where(boost, boost_noise, s_noise).astype(x.dtype)
                 z = common.step_noise(key, i, x.shape, x.dtype)
                 # sqrt(t_hat^2 - t^2) written as t sqrt(gamma (2 + gamma)), as samplers/ode.py does
-                x = x + _per_example(t * jnp.sqrt(gamma * (2 + gamma)) * noise, x) * z
+                x = x + precond.per_example(t * jnp.sqrt(gamma * (2 + gamma)) * noise, x, x.dtype) * z
                 t_hat = t + gamma * t
             x0_hat = base(x, t_hat)
             if guided is None or guided.is_off:
@@ -178,7 +174,7 @@ def guided_heun(*, first_evaluation_only=True, boosting=False, s_churn=0.0, s_mi
             delta, log_ratio = guided.correction(x, t_hat)
             if boosting:
                 doubled = (i % boost_weight_period == 0) & (log_ratio < 0)
-                delta = jnp.where(_per_example(doubled, x), 2 * delta, delta)
+                delta = jnp.where(precond.per_example(doubled, x), 2 * delta, delta)
             return x, t_hat, x0_hat + delta, log_ratio, _count(guided, x, t_hat)
 
         second = base if first_evaluation_only or guided is None else guided
@@ -186,13 +182,14 @@ def guided_heun(*, first_evaluation_only=True, boosting=False, s_churn=0.0, s_mi
         def step(carry, i, t, t_next):
             x, log_ratio, calls = carry
             x_hat, t_hat, x0_hat, log_ratio, first_calls = first_evaluation(x, i, t, log_ratio)
-            d_cur = (x_hat - x0_hat) / _per_example(t_hat, x)
-            x_euler = x_hat + _per_example(t_next - t_hat, x) * d_cur
+            d_cur = (x_hat - x0_hat) / precond.per_example(t_hat, x, x.dtype)
+            x_euler = x_hat + precond.per_example(t_next - t_hat, x, x.dtype) * d_cur
 
             def correct():
                 d_next = (x_euler - second(x_euler, t_next)) / t_next
                 second_calls = _count(None if second is base else guided, x_euler, t_next)
-                return x_hat + _per_example(t_next - t_hat, x) * (0.5 * d_cur + 0.5 * d_next), second_calls
+                h = precond.per_example(t_next - t_hat, x, x.dtype)
+                return x_hat + h * (0.5 * d_cur + 0.5 * d_next), second_calls
 
             x_next, second_calls = jax.lax.cond(t_next > 0, correct, lambda: (x_euler, jnp.zeros((), jnp.int32)))
             return x_next, log_ratio, calls + first_calls + second_calls

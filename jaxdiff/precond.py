@@ -22,10 +22,10 @@ class Coefficients(NamedTuple):
     c_noise: jax.Array
 
 
-def per_example(c, x):
+def per_example(c, x, dtype=None):
     """A per-example value c (a scalar, [B] or already [B, 1, ...]) as [B, 1, ..., 1], broadcasting against x [B, ...]
-    (SPEC: sigma is a scalar or [B]). The one helper for this across the library."""
-    c = jnp.asarray(c)
+    (SPEC: sigma is a scalar or [B]), in `dtype` if given. The one helper for this across the library."""
+    c = jnp.asarray(c, dtype)
     return jnp.broadcast_to(jnp.reshape(c, c.shape + (1,) * (x.ndim - c.ndim)), x.shape[:1] + (1,) * (x.ndim - 1))
 
 
