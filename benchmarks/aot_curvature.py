@@ -27,8 +27,6 @@ for Euler and Heun at NFE 3..35. Tables: mean over seeds (and its spread for cur
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxdiff.bench.speed import cpu_name  # noqa: E402
 from jaxdiff import config_files, data, fid, generate, metrics, samplers, schedules, train_step  # noqa: E402
 from jaxdiff.modes import train  # noqa: E402
 from jaxdiff.progress import Progress  # noqa: E402
@@ -47,14 +46,6 @@ PAIRINGS = {'independent': dict(pairing='independent'),
             'sinkhorn': dict(pairing='aot', coupling_method='sinkhorn')}
 NFES = (3, 5, 7, 9, 11, 15, 21, 35)
 SAMPLERS = ('euler', 'heun')
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-        return next(line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name'))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or 'unknown CPU'
 
 
 # ---------------------------------------------------------------- the problems

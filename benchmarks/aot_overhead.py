@@ -19,9 +19,7 @@ assignment runs on the host CPU and can overlap the device step.
 import argparse
 import json
 import os
-import platform
 import statistics
-import subprocess
 import time
 
 import jax
@@ -29,20 +27,13 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
+from jaxdiff.bench.speed import cpu_name
 from jaxdiff import coupling
 
 SHAPE = (32, 32, 3)
 BATCH = 256
 CPU_STEP_AT_16 = 16.25                     # s, benchmarks/RESULTS.md, throughput.py --batch=16 on a quiet machine
 EDM_H100_IMAGES_PER_S = {'H100 fp32 (EDM)': 355.0, 'H100 tf32 (EDM)': 960.0, 'H100 bf16 (EDM)': 1647.0}
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-        return next(line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name'))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or 'unknown CPU'
 
 
 def median_time(fn, *args, repeats):

@@ -30,6 +30,7 @@ from jax.scipy.special import logsumexp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dg_common  # noqa: E402
+from jaxdiff.bench.speed import cpu_name  # noqa: E402
 from jaxdiff import analytic, discriminator_training as dt, guidance, mesh as mesh_lib, metrics, samplers  # noqa: E402
 from jaxdiff import schedules  # noqa: E402
 from jaxdiff.data import synthetic  # noqa: E402
@@ -37,11 +38,6 @@ from jaxdiff.data import synthetic  # noqa: E402
 SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 WEIGHTS = (0.0, 0.5, 1.0, 2.0)
 STEPS_OF_NFE = {35: 18, 13: 7}           # Heun: NFE = 2 N - 1 (at 7 NFE the grid error dominates)
-
-
-def cpu_name():
-    with open('/proc/cpuinfo') as f:
-        return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'unknown CPU')
 
 
 def mixtures():

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dg_common, quickstart  # noqa: E402
+from jaxdiff.bench.speed import cpu_name  # noqa: E402
 from jaxdiff import config_files, data, discriminator_training as dt, generate, mesh as mesh_lib, metrics  # noqa: E402
 from jaxdiff.modes import train as train_mode, train_discriminator  # noqa: E402
 
@@ -44,11 +45,6 @@ ROWS = (   # label, discriminator pairing, weight, first evaluation only, sigma_
     ('DG aot, heun w=1', 'aot', 1.0, False, float('inf')),
     ('DG independent, heun_dg w=2, sigma <= 1', 'independent', 2.0, True, 1.0),
     ('DG aot, heun_dg w=2, sigma <= 1', 'aot', 2.0, True, 1.0))
-
-
-def cpu_name():
-    with open('/proc/cpuinfo') as f:
-        return next((line.split(':', 1)[1].strip() for line in f if line.startswith('model name')), 'unknown CPU')
 
 
 def toy2d_config(args, steps):

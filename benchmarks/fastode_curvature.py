@@ -27,8 +27,6 @@ Prints the tables, the ratios to the baseline, writes a plot (--plot) and option
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from jaxdiff.bench.speed import cpu_name  # noqa: E402
 from jaxdiff import config_files, data, generate, metrics, samplers, schedules, train_step  # noqa: E402
 from jaxdiff.bench import amed as amed_bench  # noqa: E402
 from jaxdiff.models.amed_predictor import AMEDPredictor  # noqa: E402
@@ -55,14 +54,6 @@ SAMPLERS = (('euler (uniform t)', 'euler', 'uniform_t'), ('euler (edm)', 'euler'
 NFES = (1, 2, 3, 4, 5, 8)
 AMED_NFES = (3, 5)
 SIGMA_MAX = {'uniform_t': 999.0, 'edm': 80.0, 'amed': 80.0}
-
-
-def cpu_name():
-    try:
-        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
-        return next(line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name'))
-    except (OSError, subprocess.CalledProcessError, StopIteration):
-        return platform.processor() or 'unknown CPU'
 
 
 def grid(kind, num_points):

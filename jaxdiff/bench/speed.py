@@ -1,11 +1,22 @@
 """What the speed and memory scripts of benchmarks/ share, imported as `jaxdiff.bench.speed` (no sys.path edits):
 config files with literal overrides, the training step as the loop compiles it, a median wall time, the temporary
-memory of a compiled program."""
+memory of a compiled program, the CPU's model name."""
 import ast
+import platform
 import statistics
+import subprocess
 import time
 
 import jax
+
+
+def cpu_name():
+    """lscpu's 'Model name' (every CPU timing names its CPU), else platform.processor()."""
+    try:
+        out = subprocess.run(['lscpu'], capture_output=True, text=True, check=True).stdout
+        return next(line.split(':', 1)[1].strip() for line in out.splitlines() if line.startswith('Model name'))
+    except (OSError, subprocess.CalledProcessError, StopIteration):
+        return platform.processor() or 'unknown CPU'
 
 
 def load_config(path, overrides=()):
