@@ -1,17 +1,24 @@
-"""Winograd F(2x2, 3x3): a stride-1 3x3 convolution as 16 batched matmuls (Lavin & Gray 2016, "Fast Algorithms
-for Convolutional Neural Networks", eq. 8 with the F(2, 3) matrices of their section 4.1).
+"""Winograd F(2x2, 3x3): a stride-1 3x3 convolution as 16 matmuls (Lavin & Gray 2016, "Fast Algorithms for
+Convolutional Neural Networks", eq. 8 with the F(2, 3) matrices of their section 4.1).
 
 Per 4x4 input tile d and 3x3 filter g (cross-correlation, as every deep-learning convolution):
 
     Y = A^T [ (G g G^T) * (B^T d B) ] A          (2x2 output tile; * elementwise over the 4x4 transformed tile)
 
-Summed over input channels, the elementwise product becomes, for each of the 16 transformed positions, a matmul
-[tiles, C_in] x [C_in, C_out]: 16 / (4 * 9) = 2.25x fewer multiplies than the direct convolution. The transforms
-use only 0, +-1 and +-1/2, so the result equals the direct convolution to float32 round-off (tests/test_winograd.py).
+Summed over input channels, the elementwise product becomes, for each of the 16 transformed positions (a, b), a
+matmul [tiles, C_in] x [C_in, C_out]: 16 / (4 * 9) = 2.25x fewer multiplies than the direct convolution. The
+transforms use only 0, +-1 and +-1/2, so the result equals the direct convolution to float32 round-off
+(tests/test_winograd.py).
+
+Layout: each transformed position is its own array V[a][b] [B, tiles_h, tiles_w, C] (a: the tile's row, b: its
+column), not one stacked [4, 4, ...] tensor: a stack is a concatenation, which XLA:CPU's fused loops evaluate
+element by element with a branch per operand; 16 plain arrays are 16 vectorised loops and 16 plain dots (the
+forward convolution 1.15-1.7x faster at 16x16 and 32x32 on the Intel AVX-512 CPU of benchmarks/RESULTS.md, "CPU
+speed, round 3"). The kernel gradient stacks them once for one batched matmul (faster inside the training step).
 
 The backward pass is written out (`jax.custom_vjp`) rather than differentiated through the transforms: the input
 gradient is again a Winograd convolution (of dy with the spatially flipped, in/out-transposed kernel), and the
-kernel gradient is 16 matmuls in the transformed domain, dU = V^T dM, mapped back by G^T dU G.
+kernel gradient is 16 matmuls in the transformed domain, dU[a][b] = V[a][b]^T dM[a][b], mapped back by G^T dU G.
 """
 import functools
 
@@ -38,57 +45,49 @@ def _combine(coefficients, terms):
     return total
 
 
-def _tiles(x, axis, count):
-    """The TILE windows along `axis`, OUT apart: TILE strided views, view r holding element r of every window."""
-    return [jax.lax.slice_in_dim(x, r, r + OUT * (count - 1) + 1, stride=OUT, axis=axis) for r in range(TILE)]
+def _outer(left, right):
+    """The 2-D transform coefficients L[a] (x) R[b]: c[(i, j)] = left[a][i] * right[b][j], flattened over (i, j)."""
+    return [[[l * r for l in left[a] for r in right[b]] for b in range(len(right))] for a in range(len(left))]
 
 
 def input_transform(x_pad, tiles_h, tiles_w):
-    """x_pad [B, 2 tiles_h + 2, 2 tiles_w + 2, C] -> V [4 (w), 4 (h), B, tiles_h, tiles_w, C] = B^T d B per tile."""
-    rows = _tiles(x_pad, 1, tiles_h)
-    rows = [_combine(B_T[a], rows) for a in range(TILE)]                 # each [B, tiles_h, W_pad, C]
-    out = []
-    for b in range(TILE):
-        out.append(jnp.stack([_combine(B_T[b], _tiles(row, 2, tiles_w)) for row in rows]))
-    return jnp.stack(out)
+    """x_pad [B, 2 tiles_h + 2, 2 tiles_w + 2, C] -> V[a][b] [B, tiles_h, tiles_w, C] = (B^T d B)[a, b] per tile."""
+    def element(i, j):   # element (i, j) of every 4x4 tile, the tiles OUT apart
+        return x_pad[:, i:i + OUT * (tiles_h - 1) + 1:OUT, j:j + OUT * (tiles_w - 1) + 1:OUT]
+    elements = [element(i, j) for i in range(TILE) for j in range(TILE)]
+    return [[_combine(c, elements) for c in row] for row in _outer(B_T, B_T)]
 
 
 def output_transform(M):
-    """M [4 (w), 4 (h), B, tiles_h, tiles_w, O] -> Y [B, 2 tiles_h, 2 tiles_w, O] = A^T M A per tile.
-
-    The 2x2 outputs of each tile are stacked next to their tile's axes ([B, th, 2, tw, 2, O], then a free
-    reshape): built in place, with no transpose for XLA to copy."""
-    cols = [_combine(A_T[q], [M[b] for b in range(TILE)]) for q in range(OUT)]         # [4 (h), B, th, tw, O]
-    rows = [jnp.stack([_combine(A_T[p], [col[a] for a in range(TILE)]) for col in cols], axis=3)
-            for p in range(OUT)]                                                      # [B, th, tw, 2 (w), O]
-    y = jnp.stack(rows, axis=2)                                                       # [B, th, 2 (h), tw, 2, O]
+    """M[a][b] [B, th, tw, O] -> Y [B, 2 th, 2 tw, O] = A^T M A per tile. The 2x2 outputs of each tile are stacked
+    next to their tile's axes ([B, th, 2, tw, 2, O], then a free reshape): no transpose for XLA to copy."""
+    terms = [M[a][b] for a in range(TILE) for b in range(TILE)]
+    y = [[_combine(c, terms) for c in row] for row in _outer(A_T, A_T)]        # y[p][q]: [B, th, tw, O]
+    y = jnp.stack([jnp.stack(row, axis=3) for row in y], axis=2)                  # [B, th, 2 (p), tw, 2 (q), O]
     batch, tiles_h, _, tiles_w, _, channels = y.shape
     return y.reshape(batch, OUT * tiles_h, OUT * tiles_w, channels)
 
 
 def output_transform_transpose(dy):
-    """The adjoint of `output_transform`: dy [B, 2 th, 2 tw, O] -> dM [4 (w), 4 (h), B, th, tw, O] = A dY A^T."""
+    """The adjoint of `output_transform`: dy [B, 2 th, 2 tw, O] -> dM[a][b] [B, th, tw, O] = (A dY A^T)[a, b]."""
     batch, height, width, channels = dy.shape
     d = dy.reshape(batch, height // OUT, OUT, width // OUT, OUT, channels)
-    d = [[d[:, :, p, :, q] for q in range(OUT)] for p in range(OUT)]               # d[p][q]: [B, th, tw, O]
+    terms = [d[:, :, p, :, q] for p in range(OUT) for q in range(OUT)]
     A = tuple(zip(*A_T))                                                            # A [4, 2]
-    rows = [[_combine(A[a], [d[p][q] for p in range(OUT)]) for q in range(OUT)] for a in range(TILE)]
-    return jnp.stack([jnp.stack([_combine(A[b], rows[a]) for a in range(TILE)]) for b in range(TILE)])
+    return [[_combine(c, terms) for c in row] for row in _outer(A, A)]
 
 
 def filter_transform(w):
-    """w [3, 3, C, O] -> U [4 (w), 4 (h), C, O] = G g G^T per (input, output) channel pair (elementwise sums of
-    the 9 taps: a matmul with K = 3 would cost a layout transpose of U)."""
+    """w [3, 3, C, O] -> U[a][b] [C, O] = (G g G^T)[a, b] per (input, output) channel pair."""
     taps = [w[i, j] for i in range(3) for j in range(3)]
-    return jnp.stack([jnp.stack([_combine([G[a][i] * G[b][j] for i in range(3) for j in range(3)], taps)
-                                 for a in range(TILE)]) for b in range(TILE)])
+    return [[_combine(c, taps) for c in row] for row in _outer(G, G)]
 
 
 def filter_transform_transpose(dU):
-    """The adjoint of `filter_transform`: dU [4 (w), 4 (h), C, O] -> dw [3, 3, C, O] = G^T dU G."""
-    terms = [dU[b, a] for b in range(TILE) for a in range(TILE)]
-    return jnp.stack([jnp.stack([_combine([G[a][i] * G[b][j] for b in range(TILE) for a in range(TILE)], terms)
-                                 for j in range(3)]) for i in range(3)])
+    """The adjoint of `filter_transform`: dU[a][b] [C, O] -> dw [3, 3, C, O] = G^T dU G."""
+    G_T = tuple(zip(*G))
+    terms = [dU[a][b] for a in range(TILE) for b in range(TILE)]
+    return jnp.stack([jnp.stack([_combine(c, terms) for c in row]) for row in _outer(G_T, G_T)])
 
 
 def _geometry(x, padding):
@@ -101,16 +100,11 @@ def _geometry(x, padding):
     return x_pad, out_h, out_w, tiles_h, tiles_w
 
 
-def _batched_matmul(V, U):
-    """M[b, a] = V[b, a] U[b, a]: 16 matmuls [B * tiles, C] x [C, O]."""
-    return jnp.einsum('bansc,baco->banso', V, U)
-
-
 def _forward(x, w, padding):
     x_pad, out_h, out_w, tiles_h, tiles_w = _geometry(x, padding)
-    V = input_transform(x_pad, tiles_h, tiles_w)
-    M = _batched_matmul(V.reshape(*V.shape[:3], tiles_h * tiles_w, -1), filter_transform(w))
-    return output_transform(M.reshape(*M.shape[:3], tiles_h, tiles_w, -1))[:, :out_h, :out_w]
+    V, U = input_transform(x_pad, tiles_h, tiles_w), filter_transform(w)
+    M = [[jnp.einsum('nhwc,co->nhwo', V[a][b], U[a][b]) for b in range(TILE)] for a in range(TILE)]
+    return output_transform(M)[:, :out_h, :out_w]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -128,13 +122,15 @@ def _conv3x3_bwd(padding, residuals, dy):
     x, w = residuals
     # Input gradient: a correlation of dy with the flipped kernel, its in/out channels swapped, padding 2 - p.
     dx = conv3x3(dy, jnp.flip(w, (0, 1)).transpose(0, 1, 3, 2), 2 - padding)
-    # Kernel gradient in the transformed domain: dU[b, a] = V[b, a]^T dM[b, a], then dw = G^T dU G.
+    # Kernel gradient in the transformed domain: dU[a][b] = V[a][b]^T dM[a][b], then dw = G^T dU G.
     x_pad, out_h, out_w, tiles_h, tiles_w = _geometry(x, padding)
     V = input_transform(x_pad, tiles_h, tiles_w)
     dy_pad = jnp.pad(dy, ((0, 0), (0, OUT * tiles_h - out_h), (0, OUT * tiles_w - out_w), (0, 0)))
     dM = output_transform_transpose(dy_pad)
-    flat = lambda t: t.reshape(*t.shape[:2], -1, t.shape[-1])
-    dU = jnp.einsum('banc,bano->baco', flat(V), flat(dM))
+    # one batched matmul over the 16 positions: 16 separate transposed-operand dots ran slower inside the training
+    # step (though not alone)
+    stacked = lambda T: jnp.stack([jnp.stack([t.reshape(-1, t.shape[-1]) for t in row]) for row in T])
+    dU = jnp.einsum('abnc,abno->abco', stacked(V), stacked(dM))
     return dx, filter_transform_transpose(dU).astype(w.dtype)
 
 
