@@ -9,7 +9,8 @@ Measures, on random data (as EDM's measurement in issue 7) and the devices of th
   train     `jaxdiff.train_step`'s step (augmentation, EDM loss, grads, Adam, EMA; state donated), jitted over
             the mesh and compiled once ahead of time; `--warmup` steps, then `--steps` timed steps ended by
             block_until_ready: train images/s, step time, FLOPs/step and per image from the compiled step's
-            cost_analysis(), MFU on an accelerator (FLOPs/s over the device's peak for the precision).
+            cost_analysis(), MFU on an accelerator (FLOPs/s over the device's peak for the precision); and the
+            optimizer + EMA update (train_step.apply_gradients) timed alone on the same parameters.
   forward   one jitted denoiser call D(x, sigma) (eval mode) at the sampling batch: forward images/s (EDM's CPU
             sampling column) and forward FLOPs per image.
   sample    the full sampler run of config.sampling (EDM's Heun, 18 steps: 35 NFE), one compiled lax.scan, timed
@@ -255,6 +256,25 @@ def time_train(config, mesh, warmup, steps, remat=False):
         'train_tflops_per_s': None if flops is None else flops / seconds / 1e12,
         'train_compiled_memory_gib': None if memory is None else memory['total'] / GIB,
         'train_loss_finite': bool(np.isfinite(loss)), 'precision': policy.name}
+
+
+def time_update(setup, state, repeats=5):
+    """(wall, CPU) seconds of the step's optimizer + EMA update (train_step.apply_gradients) alone, on the real
+    parameter tree, jitted with the state donated as in the step: what the profile's fused-op attribution cannot
+    separate from the backward pass it overlaps."""
+    update = jax.jit(lambda state, grads: train_step.apply_gradients(setup.optimizer, state, grads, 0.999),
+                     donate_argnums=0)
+    grads = jax.tree.map(jnp.ones_like, state.params)
+    # only the three updated trees (a donated buffer the update does not return would only draw a warning)
+    carry = {'state': jax.tree.map(jnp.copy, state._replace(step=None, model_state=None))}
+
+    def run():
+        params, ema_params, opt_state = update(carry['state'], grads)
+        carry['state'] = carry['state']._replace(params=params, ema_params=ema_params, opt_state=opt_state)
+        return params
+
+    jax.block_until_ready(run())
+    return timed(run, repeats)
 
 
 def sampling_config(config, sample_steps):
@@ -545,6 +565,7 @@ def main(argv=None):
         result.update(timing)
         result['train_gflop_per_image'] = (None if timing['train_gflop_per_step'] is None
                                            else timing['train_gflop_per_step'] / config.training.batch_size)
+        result['train_update_s'], result['train_update_cpu_s'] = time_update(setup, state)
         variables = train_step.ema_item(state)
     else:
         setup, _, _ = build_step(config, mesh)
@@ -609,6 +630,9 @@ def summary(r):
                      f'(CPU {fmt("train_step_cpu_s", " s")}), {fmt("train_gflop_per_image")} GFLOP/img, '
                      f'{fmt("train_tflops_per_s", " TFLOP/s")}, MFU {fmt("mfu")}, compile {fmt("train_compile_s", " s")}'
                      f'{", " + fmt("train_ratio_vs_edm") + " x EDM" if "train_ratio_vs_edm" in r else ""}')
+    if 'train_update_s' in r:
+        lines.append(f'  update  optimizer + EMA alone {fmt("train_update_s", " s")} (CPU {fmt("train_update_cpu_s", " s")})'
+                     f' = {100 * r["train_update_s"] / r["train_step_s"]:.2g} % of the step')
     if 'forward_s' in r:
         lines.append(f'  forward {fmt("forward_images_per_s")} img/s at batch {r["sample_batch"]} '
                      f'(CPU {fmt("forward_cpu_s", " s")} per call), {fmt("forward_gflop_per_image")} GFLOP/img'

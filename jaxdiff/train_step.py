@@ -137,6 +137,14 @@ def refresh_key(seed):
 
 # ---------------------------------------------------------------- the step
 
+def apply_gradients(optimizer, state, grads, beta):
+    """(params, ema_params, opt_state) after one optimizer step on `grads` and the EMA with decay beta."""
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema_params = jax.tree.map(lambda ema, p: p + beta * (ema - p), state.ema_params, params)
+    return params, ema_params, opt_state
+
+
 def make_train_step(loss, networks, optimizer, *, seed, batch_size, lr, lr_rampup_images, ema_halflife_images,
                     ema_rampup_ratio, augment=None, axis_name=None):
     """train_step(state, metrics, batch) -> (state, metrics); pure, to be jitted (or pmapped with `axis_name`).
@@ -158,11 +166,9 @@ def make_train_step(loss, networks, optimizer, *, seed, batch_size, lr, lr_rampu
         (value, loss_metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, loss_key)
         value, grads, loss_metrics = mean((value, grads, loss_metrics))
         grads = jax.tree.map(lambda g: jnp.nan_to_num(g, nan=0.0, posinf=1e5, neginf=-1e5), grads)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
         beta = ema_beta(state.step, batch_size=batch_size, ema_halflife_images=ema_halflife_images,
                         ema_rampup_ratio=ema_rampup_ratio)
-        ema_params = jax.tree.map(lambda ema, p: p + beta * (ema - p), state.ema_params, params)
+        params, ema_params, opt_state = apply_gradients(optimizer, state, grads, beta)
         first_bad = jnp.where((metrics['first_nonfinite_step'] < 0) & ~jnp.isfinite(value),
                               state.step + 1, metrics['first_nonfinite_step'])
         metrics = {**{name: metrics.get(name, 0.0) + v for name, v in loss_metrics.items()},

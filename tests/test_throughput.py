@@ -36,6 +36,7 @@ def test_throughput_benchmark_writes_a_complete_json_line(tmp_path, capsys):
                   'peak_memory_gib', 'train_memory_gib', 'train_gflop_per_image'):
         assert r[field] > 0, field
     assert r['train_images_per_s'] == pytest.approx(8 / r['train_step_s'])
+    assert r['train_update_s'] > 0 and r['train_update_cpu_s'] >= 0   # optimizer + EMA timed alone
     assert r['sample_nfe'] == 2 * 4 - 1 and r['sample_finite'] and r['train_loss_finite']
     assert r['sample_cost_in_forwards'] == pytest.approx(r['sample_s'] / r['forward_s'])
     assert r['train_ratio_vs_edm'] == pytest.approx(r['train_images_per_s'] / 2.0)
