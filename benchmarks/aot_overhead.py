@@ -19,7 +19,6 @@ assignment runs on the host CPU and can overlap the device step.
 import argparse
 import json
 import os
-import statistics
 import time
 
 import jax
@@ -27,24 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-from jaxdiff.bench.speed import cpu_name
+from jaxdiff.bench.speed import cpu_name, median_time
 from jaxdiff import coupling
 
 SHAPE = (32, 32, 3)
 BATCH = 256
 CPU_STEP_AT_16 = 16.25                     # s, benchmarks/RESULTS.md, throughput.py --batch=16 on a quiet machine
 EDM_H100_IMAGES_PER_S = {'H100 fp32 (EDM)': 355.0, 'H100 tf32 (EDM)': 960.0, 'H100 bf16 (EDM)': 1647.0}
-
-
-def median_time(fn, *args, repeats):
-    """Median wall seconds of fn(*args) after one warm-up call (compile), each call waited on."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def gap_closed(C, perm, best):

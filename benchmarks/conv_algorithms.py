@@ -5,18 +5,17 @@ both gradients, at the layer shapes of EDM's DDPM++ CIFAR-10 network.
     git show 8568c80:jaxdiff/models/winograd.py > /tmp/stacked.py
     .venv/bin/python benchmarks/conv_algorithms.py --extra=stacked=/tmp/stacked.py    # + another implementation
 
-Prints ms per call (the minimum of --repeats timed calls after a warm-up, each ended by block_until_ready) and the
+Prints ms per call (the median of --repeats timed calls after a warm-up, each ended by block_until_ready) and the
 CPU model. `--extra=NAME=FILE` adds a column for any module file that defines conv3x3(x, w, padding) (e.g. an
 earlier winograd.py). The network-level figures are benchmarks/throughput.py's; this isolates one layer.
 """
 import argparse
 import importlib.util
-import time
 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.bench.speed import cpu_name
+from jaxdiff.bench.speed import cpu_name, median_time
 from jaxdiff.models import winograd
 
 # (height = width, C_in, C_out) of DDPM++ CIFAR-10's 3x3 layers (channels 128 x (2, 2, 2); decoder inputs concatenated)
@@ -33,16 +32,6 @@ def load_conv(path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module.conv3x3
-
-
-def best_ms(fn, args, repeats):
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - start)
-    return 1e3 * min(times)
 
 
 def main():
@@ -67,8 +56,8 @@ def main():
         for conv in convs.values():
             forward = jax.jit(lambda x, w, conv=conv: conv(x, w, 1))
             backward = jax.jit(lambda x, w, dy, conv=conv: jax.vjp(lambda x, w: conv(x, w, 1), x, w)[1](dy))
-            cells.append(f'{best_ms(forward, (x, w), args.repeats):.1f} / '
-                         f'{best_ms(backward, (x, w, dy), args.repeats):.1f}')
+            cells.append(f'{1e3 * median_time(forward, x, w, repeats=args.repeats):.1f} / '
+                         f'{1e3 * median_time(backward, x, w, dy, repeats=args.repeats):.1f}')
         print(f'| {size}x{size}, {c_in} -> {c_out} | ' + ' | '.join(cells) + ' |', flush=True)
 
 

@@ -35,7 +35,6 @@ Prints a summary and appends one JSON line to `--out` (a .jsonl file, or a direc
 default $OUT, else benchmarks/results). XLA:CPU runs one thread per schedulable core; `taskset -c 0,1` pins fewer.
 """
 import argparse
-import ast
 import collections
 import datetime
 import glob
@@ -53,7 +52,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import config_files, generate, mesh as mesh_lib, precision as precision_lib, train_step
+from jaxdiff import generate, mesh as mesh_lib, precision as precision_lib, train_step
+from jaxdiff.bench import speed
 from jaxdiff.models import layers
 
 EDM_FORWARD_GFLOP = 42.4              # EDM's DDPM++ CIFAR-10 forward pass per image (issue 7; 2 FLOPs per MAC)
@@ -96,18 +96,6 @@ def parse_args(argv):
     p.add_argument('--override', action='append', default=[],
                    help='config override SECTION.FIELD=PYTHON_LITERAL, repeatable (e.g. model.num_blocks=1)')
     return p.parse_args(argv)
-
-
-def load_config(path, overrides=()):
-    """The config file with `--set FIELD=VALUE` overrides; VALUE a Python literal (1, (1, 2), 'bf16') or a string."""
-    parsed = {}
-    for item in overrides:
-        field, _, value = item.partition('=')
-        try:
-            parsed[field] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
-            parsed[field] = value  # a bare string
-    return config_files.load(path, parsed)
 
 
 def results_path(out):
@@ -537,7 +525,7 @@ def main(argv=None):
     skip = {part.strip() for part in args.skip.split(',') if part.strip()}
     if args.accounting_only:
         skip |= {'train', 'forward', 'sample', 'convs'}
-    config = load_config(args.config, args.override)
+    config = speed.load_config(args.config, args.override)
     if args.precision is not None:
         config.training.precision = args.precision
     if args.batch is not None:
