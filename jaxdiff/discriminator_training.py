@@ -446,6 +446,7 @@ def _loop(s, workdir, discriminator, optimizer, state, checkpoints, mesh, frozen
                   flush=True)
         return result
 
+    in_flight = mesh_lib.max_steps_in_flight(mesh)
     try:
         for step in range(start, num_steps):
             state, metrics = train_step(state, metrics, frozen, mesh_lib.global_batch(make_batch(step), mesh))
@@ -453,6 +454,8 @@ def _loop(s, workdir, discriminator, optimizer, state, checkpoints, mesh, frozen
             if step == start:
                 jax.block_until_ready(state)
                 log.start(done)
+            elif in_flight and done % in_flight == 0:
+                jax.block_until_ready(state)
             stop = should_stop()
             last = done == num_steps or stop
             if done % s['log_every_steps'] == 0 or last:

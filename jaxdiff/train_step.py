@@ -292,8 +292,16 @@ class Pmap:
         return jax.tree.map(lambda x: jax.device_put(copies(x), self.sharding), tree)
 
     def get_state(self, tree):
-        """The state of device 0 (all devices hold the same), as ordinary arrays."""
-        return jax.tree.map(lambda x: x[0], tree)
+        """The state of device 0 (all devices hold the same), as arrays replicated over the mesh (as under 'jit').
+        Copied through the host from device 0's own shard: `x[0]` would dispatch a gather over all devices per leaf,
+        and that many in-flight multi-device programs deadlock XLA:CPU's in-process collectives (see
+        `mesh.max_steps_in_flight`)."""
+        first, replicated = self.devices[0], mesh_lib.replicated(self.mesh)
+
+        def row_0(x):
+            shard = next(shard for shard in x.addressable_shards if shard.device == first)
+            return jax.device_put(np.asarray(shard.data)[0], replicated)
+        return jax.tree.map(row_0, tree)
 
     def put_batch(self, local_batch):
         """[B, ...] -> [num_devices, B / num_devices, ...] (pmap splits the leading axis over the devices)."""

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, samplers, schedules
+from jaxdiff import analytic, mesh as mesh_lib, samplers, schedules, train_step
 from jaxdiff.modes import train
 from test_train import toy_config
 
@@ -39,6 +39,30 @@ def test_pmap_training_resumes_from_its_checkpoint(tmp_path):
     straight = train.run(config, str(tmp_path / 'b'))
     for a, b in zip(jax.tree.leaves(resumed), jax.tree.leaves(straight)):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_pmap_get_state_is_device_0s_copy_replicated_and_outlives_donation(caplog):
+    """Pmap.get_state: device 0's row of every leaf (the devices may differ here, so a wrong row shows), as arrays
+    replicated over the mesh like the 'jit' state, still readable after the next pmapped step donated its input,
+    and no XLA program compiled for it (x[0] compiles a gather over all devices; RESULTS.md "CPU collectives")."""
+    mesh = mesh_lib.make_mesh()
+    parallel = train_step.parallel('pmap', mesh)
+    rows = np.arange(8 * 5, dtype=np.float32).reshape(8, 5)
+    state = jax.device_put({'w': rows, 'b': -rows}, parallel.sharding)
+    with caplog.at_level('DEBUG'), jax.log_compiles():
+        plain = parallel.get_state(state)
+    assert not [r for r in caplog.records if 'ompil' in r.getMessage()]
+    step = parallel.compile(lambda s, m: (jax.tree.map(lambda x: x + 1, s), m))
+    donated = state
+    state, _ = step(state, {'n': jnp.zeros(8)})
+    with pytest.raises(Exception, match='deleted'):                    # the step did take the buffers
+        np.asarray(donated['w'])
+    assert int(jax.device_get(state['w'])[0, 0]) == 1
+    for name, want in (('w', rows[0]), ('b', -rows[0])):
+        assert plain[name].sharding.is_equivalent_to(mesh_lib.replicated(mesh), 1)
+        np.testing.assert_array_equal(np.asarray(plain[name]), want)
+    assert mesh_lib.max_steps_in_flight(mesh) == 4                  # several CPU devices: the loop waits
+    assert mesh_lib.max_steps_in_flight(mesh_lib.make_mesh(jax.devices()[:1])) is None
 
 
 @pytest.mark.parametrize('name, options', SAMPLERS, ids=lambda v: str(v))

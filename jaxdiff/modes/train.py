@@ -194,6 +194,7 @@ def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps
     make_batch = train_step_lib.make_batch_fn(source, setup.loss, batch_size=t.batch_size, seed=t.seed,
                                               start=start, with_index=setup.parallelism == 'pmap')
     batches = Prefetcher(lambda step: parallel.put_batch(make_batch(step)), start, num_steps)
+    in_flight = mesh_lib.max_steps_in_flight(mesh)
     try:
         with StopRequest() as stop:
             for step in range(start, num_steps):
@@ -202,6 +203,8 @@ def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps
                 if step == start:
                     jax.block_until_ready(state)  # compile time stays out of images/s
                     log.start(done)
+                elif in_flight and done % in_flight == 0:
+                    jax.block_until_ready(state)
                 stopping = stop.requested   # read once: a signal arriving later in this step waits for the next
                 last = done == num_steps or stopping
                 log_now = done % t.log_every_steps == 0 or last
