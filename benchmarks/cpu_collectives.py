@@ -40,12 +40,13 @@ def case(kind, window, seconds):
     import jax
     import jax.numpy as jnp
     import numpy as np
-    from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-    devices = jax.devices()
-    mesh = Mesh(np.asarray(devices), ('data',))
-    replicated, sharded = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec('data'))
-    n = len(devices)
+    from jaxdiff import mesh as mesh_lib, train_step
+
+    mesh = mesh_lib.make_mesh()
+    replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+    pmap = train_step.parallel('pmap', mesh)        # the training loop's pmap layout and get_state
+    n = mesh.devices.size
     batch = jax.device_put(np.ones((8 * n, 16), np.float32), sharded)
     update = lambda w, g: w * 0.99 + g * 0.01
     if kind == 'jit':
@@ -56,24 +57,20 @@ def case(kind, window, seconds):
             return state, state['w0'][0, 0]             # a token that is not donated, to wait on
         step = jax.jit(step, out_shardings=replicated, donate_argnums=0)
     else:
-        state = {f'w{i}': jax.device_put(np.full((n, 16, 16), i, np.float32), sharded) for i in range(30)}
+        state = pmap.put_state({f'w{i}': np.full((16, 16), i, np.float32) for i in range(30)})
 
         def step(state, batch):
-            state = jax.tree.map(lambda w: update(w, jax.lax.pmean(jnp.tanh(w), 'batch')), state)
+            state = jax.tree.map(lambda w: update(w, jax.lax.pmean(jnp.tanh(w), train_step.PMAP_AXIS)), state)
             return state, state['w0'][0, 0]
-        step = jax.pmap(step, axis_name='batch', donate_argnums=0)
-        batch = jax.device_put(np.ones((n, 8, 16), np.float32), sharded)
-
-    def host_copy(x):
-        shard = next(shard for shard in x.addressable_shards if shard.device == devices[0])
-        return jax.device_put(np.asarray(shard.data)[0], replicated)
+        step = jax.pmap(step, axis_name=train_step.PMAP_AXIS, devices=pmap.devices, donate_argnums=0)
+        batch = pmap.put_batch({'x': np.ones((8 * n, 16), np.float32)})
     tokens, steps, end = collections.deque(), 0, time.time() + seconds
     while time.time() < end:
         state, token = step(state, batch)
         if kind == 'pmap_gather':
             jax.tree.map(lambda x: x[0], state)
         elif kind == 'pmap_host':
-            jax.tree.map(host_copy, state)
+            pmap.get_state(state)
         tokens.append(token)
         if window and len(tokens) > window:
             jax.block_until_ready(tokens.popleft())
