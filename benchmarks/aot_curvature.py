@@ -20,7 +20,7 @@ Each model's EMA denoiser then samples from the same starting noise x_T (per pro
               x_ref also serves as the exact solution of the model's ODE
   solver err  RMS distance of the NFE-n sample to x_ref (truncation error of the solver on this model's ODE)
   quality     toy2d: sliced Wasserstein distance and Frechet distance to exact samples of the mixture;
-              digits: Frechet distance in the digits classifier's features (jaxdiff.digits_metric) and pixel sliced
+              digits: Frechet distance in the digits classifier's features (jaxdiff.drivers.digits_metric) and pixel sliced
               Wasserstein, both to the 297 held-out digits
 for Euler and Heun at NFE 3..35. Tables: mean over seeds (and its spread for curvature). --json writes the rows.
 """
@@ -37,9 +37,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff.bench.speed import cpu_name  # noqa: E402
-from jaxdiff import config_files, data, fid, generate, metrics, samplers, schedules, train_step  # noqa: E402
+from jaxdiff.drivers import config_files, fid, generate, train_step
+from jaxdiff import data
+from jaxdiff.core import metrics, samplers, schedules  # noqa: E402
 from jaxdiff.modes import train  # noqa: E402
-from jaxdiff.progress import Progress  # noqa: E402
+from jaxdiff.drivers.progress import Progress  # noqa: E402
 
 PAIRINGS = {'independent': dict(pairing='independent'),
             'exact': dict(pairing='aot', coupling_method='exact'),
@@ -92,7 +94,7 @@ class Digits:
     shape = (8, 8, 1)
 
     def __init__(self, args):
-        from jaxdiff import digits_metric
+        from jaxdiff.drivers import digits_metric
         self.steps, self.pool_size = args.digits_steps, args.digits_pool
         self.num_samples = args.digits_samples
         self.metric = digits_metric.DigitsMetric(resolution=8, verbose=True)

@@ -27,7 +27,7 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from jaxdiff.bench.speed import cpu_name, median_time
-from jaxdiff import coupling
+from jaxdiff.core import coupling
 
 SHAPE = (32, 32, 3)
 BATCH = 256

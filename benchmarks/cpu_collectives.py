@@ -41,7 +41,7 @@ def case(kind, window, seconds):
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxdiff import mesh as mesh_lib, train_step
+    from jaxdiff.drivers import mesh as mesh_lib, train_step
 
     mesh = mesh_lib.make_mesh()
     replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)

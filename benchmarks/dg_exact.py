@@ -1,7 +1,7 @@
 """Discriminator guidance on exact ground truth (Kim et al. 2023, Theorem 1): data = a 2-D Gaussian mixture, the
 "model" = the exact denoiser of a deliberately wrong mixture (other weights, shifted means). The exact log ratio
 log p_data,sigma - log p_model,sigma turns the wrong model into the data model (weight 1); a discriminator trained by
-`jaxdiff.discriminator_training.train` on exact samples of the wrong mixture vs the data should approach it.
+`jaxdiff.drivers.discriminator_training.train` on exact samples of the wrong mixture vs the data should approach it.
 
     .venv/bin/python benchmarks/dg_exact.py                   # ~3 min on 2 busy CPU cores
     .venv/bin/python benchmarks/dg_exact.py --steps=6000 --num_samples=16384
@@ -31,8 +31,9 @@ from jax.scipy.special import logsumexp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dg_common  # noqa: E402
 from jaxdiff.bench.speed import cpu_name  # noqa: E402
-from jaxdiff import analytic, discriminator_training as dt, guidance, mesh as mesh_lib, metrics, samplers  # noqa: E402
-from jaxdiff import schedules  # noqa: E402
+from jaxdiff.core import analytic, guidance, metrics, samplers
+from jaxdiff.drivers import discriminator_training as dt, mesh as mesh_lib  # noqa: E402
+from jaxdiff.core import schedules  # noqa: E402
 from jaxdiff.data import synthetic  # noqa: E402
 
 SIGMAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -149,7 +150,7 @@ def main():
     args = parser.parse_args()
     print(f'dg_exact: {cpu_name()}, load average {os.getloadavg()[0]:.1f}, JAX {jax.__version__}; {vars(args)}')
     data, model = mixtures()
-    print('training the discriminators (jaxdiff.discriminator_training.train, VP importance-sampled sigma):')
+    print('training the discriminators (jaxdiff.drivers.discriminator_training.train, VP importance-sampled sigma):')
     logits = {}
     with tempfile.TemporaryDirectory() as root:
         for pairing in ('independent', 'aot'):

@@ -18,7 +18,7 @@ Per problem, everything runs through the library's entry points, as the commands
                  D + w sigma^2 grad log r turns a small spurious gradient of a nearly-chance logit at large sigma
                  into a large drift)
   distance       toy2d: sliced Wasserstein (SW) to exact samples of the mixture and the fraction of samples more
-                 than 4 mode stds from every mode (off); digits: digits FD (jaxdiff.digits_metric) against the
+                 than 4 mode stds from every mode (off); digits: digits FD (jaxdiff.drivers.digits_metric) against the
                  training digits, with its floor (the 297 held-out digits)
 """
 import argparse
@@ -33,7 +33,9 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dg_common, quickstart  # noqa: E402
 from jaxdiff.bench.speed import cpu_name  # noqa: E402
-from jaxdiff import config_files, data, discriminator_training as dt, generate, mesh as mesh_lib, metrics  # noqa: E402
+from jaxdiff.drivers import config_files, discriminator_training as dt, generate, mesh as mesh_lib
+from jaxdiff import data
+from jaxdiff.core import metrics  # noqa: E402
 from jaxdiff.modes import train as train_mode, train_discriminator  # noqa: E402
 
 STEPS_OF_NFE = {35: 18, 13: 7}
@@ -89,7 +91,7 @@ class Toy2dDistance:
 
 class DigitsDistance:
     def __init__(self, config, n):
-        from jaxdiff import digits_metric
+        from jaxdiff.drivers import digits_metric
         self.metric = digits_metric.get(resolution=config.data.shape[0])
         self.header = f'digits FD (floor {self.metric.data_fd:.3f})'
 

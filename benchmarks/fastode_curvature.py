@@ -37,11 +37,13 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff.bench.speed import cpu_name  # noqa: E402
-from jaxdiff import config_files, data, generate, metrics, samplers, schedules, train_step  # noqa: E402
+from jaxdiff.drivers import config_files, generate, train_step
+from jaxdiff import data
+from jaxdiff.core import metrics, samplers, schedules  # noqa: E402
 from jaxdiff.bench import amed as amed_bench  # noqa: E402
 from jaxdiff.models.amed_predictor import AMEDPredictor  # noqa: E402
 from jaxdiff.modes import train  # noqa: E402
-from jaxdiff.progress import Progress  # noqa: E402
+from jaxdiff.drivers.progress import Progress  # noqa: E402
 
 VARIANTS = {'independent': dict(pairing='independent'), 'beta=1': dict(pairing='fastode', beta=1.0),
             'beta=10': dict(pairing='fastode', beta=10.0), 'beta=20': dict(pairing='fastode', beta=20.0),

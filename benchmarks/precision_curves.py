@@ -5,7 +5,7 @@ initial parameters on the same batches and noise, and writes both loss curves (C
 
 Model: configs/quickstart.py's DDPM++ shrunk for a shared CPU (--model_channels, one block per level, no
 attention; 16x16x1 digits, batch --batch). Each point is the mean training loss over --every steps (the loop's
-on-device accumulator, fetched every --every steps). The steps are `jaxdiff.train_step`'s (augmentation off, EDM
+on-device accumulator, fetched every --every steps). The steps are `jaxdiff.drivers.train_step`'s (augmentation off, EDM
 loss, Adam with EDM's ramp, EMA), built by `jaxdiff.bench.speed.train_step` with the precision policy.
 """
 import argparse
@@ -17,7 +17,8 @@ import time
 import jax
 import numpy as np
 
-from jaxdiff import data as data_lib, mesh as mesh_lib, train_step
+from jaxdiff import data as data_lib
+from jaxdiff.drivers import mesh as mesh_lib, train_step
 from jaxdiff.bench import speed
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

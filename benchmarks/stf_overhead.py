@@ -7,7 +7,7 @@ Part 1: `stf.target` at batch 64, CIFAR-10 shapes (32x32x3), R in --reference_si
 jitted call and XLA's compiled memory analysis (temporary bytes), for the matmul form in one chunk and in chunks
 of --chunk_size rows, next to the authors' broadcast form (B x R x D differences; Newbeeer/stf, training/loss.py),
 whose memory is read from the compiled program without running it when it would not fit (--naive_run_limit_gib).
-Part 2: the real training step (`jaxdiff.train_step`: augmentation, loss, grads, Adam, EMA) of configs/cifar_stf.py
+Part 2: the real training step (`jaxdiff.drivers.train_step`: augmentation, loss, grads, Adam, EMA) of configs/cifar_stf.py
 with loss.target='x0' and with 'stf' at the same model, batch and devices, on synthetic images; prints both step
 times and their ratio. The issue's goal is <= 3 % extra for DDPM++ on a GPU; on a CPU the tiny model makes the
 ratio a worst case.
@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import stf
+from jaxdiff.core import stf
 from jaxdiff.bench import speed
 from jaxdiff.bench.speed import median_time, temp_bytes
 
@@ -63,7 +63,7 @@ def part_target(batch_size, reference_sizes, chunk_size, repeats, naive_run_limi
 
 def part_step(model_size, batch_size, reference_size, repeats):
     """Step time of the real training step with loss.target 'x0' vs 'stf' (same model, batch, devices)."""
-    from jaxdiff import config_files, mesh as mesh_lib, train_step
+    from jaxdiff.drivers import config_files, mesh as mesh_lib, train_step
     config = config_files.named('cifar_stf')
     config.training.batch_size = batch_size
     config.loss.reference_size = reference_size

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import analytic, stf
+from jaxdiff.core import analytic, stf
 
 
 def load_digits(size):

@@ -6,7 +6,7 @@
     .venv/bin/python benchmarks/throughput.py --config=configs/cifar_edm.py --accounting_only      # XLA only
 
 Measures, on random data (as EDM's measurement in issue 7) and the devices of the default backend:
-  train     `jaxdiff.train_step`'s step (augmentation, EDM loss, grads, Adam, EMA; state donated), jitted over
+  train     `jaxdiff.drivers.train_step`'s step (augmentation, EDM loss, grads, Adam, EMA; state donated), jitted over
             the mesh and compiled once ahead of time; `--warmup` steps, then `--steps` timed steps ended by
             block_until_ready: train images/s, step time, FLOPs/step and per image from the compiled step's
             cost_analysis(), MFU on an accelerator (FLOPs/s over the device's peak for the precision); and the
@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import generate, mesh as mesh_lib, precision as precision_lib, train_step
+from jaxdiff.drivers import generate, mesh as mesh_lib, precision as precision_lib, train_step
 from jaxdiff.bench import speed
 from jaxdiff.models import layers
 
@@ -123,12 +123,12 @@ def abstract_batch(batch_size, shape, mesh):
 
 
 def build_step(config, mesh, remat=False):
-    """(setup, jitted step, policy) of jaxdiff.train_step for `config` (build applies config.training.precision),
+    """(setup, jitted step, policy) of jaxdiff.drivers.train_step for `config` (build applies config.training.precision),
     jitted over the mesh as training does (training.parallelism 'jit').
 
     remat: the network under jax.checkpoint(policy=dots_saveable): the backward pass keeps only conv / matmul
     outputs and recomputes the elementwise ops (GroupNorm, SiLU, dropout) from them (an experiment for the
-    batch-512 memory; not part of jaxdiff.train_step)."""
+    batch-512 memory; not part of jaxdiff.drivers.train_step)."""
     config = config.copy_and_resolve_references()
     config.training.parallelism = 'jit'
     policy = precision_lib.from_config(config)

@@ -1,4 +1,4 @@
-"""config.loss fields of AOT (Kim et al. 2024; jaxdiff.aot): EDM's loss with the noise paired to the images by an
+"""config.loss fields of AOT (Kim et al. 2024; jaxdiff.core.aot): EDM's loss with the noise paired to the images by an
 optimal-transport assignment over a pool. Every AOT recipe lists all of them, so each can be changed from the
 command line (e.g. --config.loss.coupling_method=sinkhorn, --config.loss.pool_reuse=False).
 """

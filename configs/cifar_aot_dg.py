@@ -1,7 +1,7 @@
 """Discriminator guidance with an OT-paired discriminator on the AOT authors' unconditional CIFAR-10 model
 (configs/cifar_aot.py; AOT reports 1.68 FID unconditional, 1.58 conditional, at 29 NFE with DG): the head of
 configs/cifar_dg.py on the model's bottleneck, trained with the perturbation noise paired to each half of the batch
-by AOT's exact assignment (jaxdiff.discriminator_training: how AOT trains its discriminator is not public, this is
+by AOT's exact assignment (jaxdiff.drivers.discriminator_training: how AOT trains its discriminator is not public, this is
 a choice), sampled with EDM's Heun at 15 steps (29 NFE).
 
     python -m jaxdiff.main --config=configs/cifar_aot_dg.py --workdir=runs/cifar_aot

@@ -1,4 +1,4 @@
-"""FID of a CIFAR-10 workdir trained with configs/cifar_edm.py (`--mode=evaluate`, jaxdiff.evaluation): 50,000
+"""FID of a CIFAR-10 workdir trained with configs/cifar_edm.py (`--mode=evaluate`, jaxdiff.drivers.evaluation): 50,000
 samples with config.sampling (EDM's Heun, 18 steps, 35 NFE), Inception-v3 pool features, FID against the TFDS
 CIFAR-10 train set (statistics cached in the workdir) or EDM's reference file; one JSON line in
 WORKDIR/evaluation.jsonl.
@@ -20,13 +20,13 @@ config.sampling.batch_size (500 here).
 from ml_collections import config_dict
 
 from configs import cifar_edm
-from jaxdiff import evaluation as evaluation_lib
+from jaxdiff.drivers import evaluation as evaluation_lib
 
 VARIANTS = ('uncond', 'cond')
 
 
 def evaluation(**fields):
-    """config.evaluation: the fields of jaxdiff.evaluation.FIELDS (None ones as typed placeholders, so each can be
+    """config.evaluation: the fields of jaxdiff.drivers.evaluation.FIELDS (None ones as typed placeholders, so each can be
     set from the command line)."""
     section = dict(evaluation_lib.FIELDS, inception_weights=config_dict.placeholder(str),
                    reference_split=config_dict.placeholder(str), reference_num_examples=config_dict.placeholder(int))

@@ -16,7 +16,7 @@ def loss(**fields):
 
 
 def augment(p=0.0, **fields):
-    """EDM's geometric augmentation (jaxdiff.augment.augment keyword arguments); p = 0 switches it off."""
+    """EDM's geometric augmentation (jaxdiff.core.augment.augment keyword arguments); p = 0 switches it off."""
     return dict(p=p, **fields)
 
 

@@ -1,11 +1,11 @@
-"""Config sections of discriminator guidance (Kim, Kim, Kwon, Kang, Moon, ICML 2023; jaxdiff.discriminator_training):
+"""Config sections of discriminator guidance (Kim, Kim, Kwon, Kang, Moon, ICML 2023; jaxdiff.drivers.discriminator_training):
 config.discriminator (training the discriminator: `--mode=train_discriminator`) and config.sampling.guidance
 (guided sampling everywhere the model samples). Every DG recipe lists all fields, so each can be set from the
 command line (--config.discriminator.pairing=aot, --config.sampling.guidance.weight=1.0, ...).
 """
 from ml_collections import config_dict
 
-from jaxdiff import discriminator_training
+from jaxdiff.drivers import discriminator_training
 
 
 def discriminator(*, model_workdir, network, **fields):

@@ -1,6 +1,6 @@
 """Evaluate the quickstart digits model (configs/quickstart.py) with the digits metric (`--mode=evaluate`,
-jaxdiff.evaluation): digits FD / KID of 1,500 samples (the training set's size) in the features of a small digits
-classifier trained by jaxdiff in seconds (jaxdiff.digits_metric); one JSON line in WORKDIR/evaluation.jsonl.
+jaxdiff.drivers.evaluation): digits FD / KID of 1,500 samples (the training set's size) in the features of a small digits
+classifier trained by jaxdiff in seconds (jaxdiff.drivers.digits_metric); one JSON line in WORKDIR/evaluation.jsonl.
 
     python -m jaxdiff.main --config=configs/quickstart.py --workdir=runs/quickstart
     python -m jaxdiff.main --config=configs/digits_eval.py --workdir=runs/quickstart --mode=evaluate

@@ -26,7 +26,7 @@ import sys
 from ml_collections import config_dict
 
 from configs import cifar_amed, cifar_dg, cifar_edm, cifar_fid
-from jaxdiff import edm_import
+from jaxdiff.drivers import edm_import
 
 
 def workdir_of_command_line(argv=None):

@@ -2,7 +2,7 @@
 independent rectified-flow baselines: the flow loss, the encoder section, the EMA decay as a half-life, horizontal
 flips, and the authors' sampling grid (uniform in flow time).
 
-    config.loss    = dict(parameterization='flow', pairing='fastode', beta=...)   (jaxdiff.flow; 'independent': the
+    config.loss    = dict(parameterization='flow', pairing='fastode', beta=...)   (jaxdiff.core.flow; 'independent': the
                      rectified-flow baseline, their --independent)
     config.encoder = dict(name='fastode_encoder' | 'fastode_mlp_encoder', ...)   q(z | x), the extra network
 Every recipe lists these fields, so each can be changed from the command line (e.g. --config.loss.beta=5,
@@ -34,7 +34,7 @@ def sampling_fields(*, sampler, num_steps, num_samples, batch_size, sigma_max=99
     """config.sampling on the authors' grid: uniform in flow time from t(sigma_max) = 0.999 (their t = 1) to 0 (schedule
     'flow_uniform'); Euler on it is their `sample_ode_generative`. Any sampler / schedule can replace it, but
     sigma-space Heun wants a geometric grid (EDM's, the default of common.sampling): on this one its first step
-    extrapolates (see `jaxdiff.flow.uniform_schedule`)."""
+    extrapolates (see `jaxdiff.core.flow.uniform_schedule`)."""
     return dict(sampler=sampler, schedule='flow_uniform',
                 schedule_options=dict(num_steps=num_steps, sigma_max=sigma_max), num_samples=num_samples,
                 batch_size=batch_size)

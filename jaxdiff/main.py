@@ -15,8 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff import config_files
-from jaxdiff.errors import UserError
+from jaxdiff.drivers import config_files
+from jaxdiff.core.errors import UserError
 
 MODES = {
     'train': 'jaxdiff.modes.train:run',

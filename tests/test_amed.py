@@ -6,12 +6,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import amed_train as T
-from jaxdiff import analytic, config_files, samplers, schedules
+from jaxdiff.drivers import amed_train as T
+from jaxdiff.core import analytic, samplers, schedules
+from jaxdiff.drivers import config_files
 from jaxdiff.bench import problems
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 from jaxdiff.models.amed_predictor import AMEDPredictor
-from jaxdiff.samplers import amed as A
+from jaxdiff.core.samplers import amed as A
 
 SHAPE = (4, 4, 3)
 

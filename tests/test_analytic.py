@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic
+from jaxdiff.core import analytic
 
 
 def _mixture(dtype=jnp.float32, d=2):
@@ -90,7 +90,7 @@ def test_empirical_chunked_equals_unchunked_and_the_softmax_formula():
 def test_empirical_denoiser_and_stf_target_are_one_computation(chunk_size):
     """The posterior mean of a finite dataset has one implementation: analytic.Empirical.denoiser and stf.target
     (the dataset as the reference) give the same bits."""
-    from jaxdiff import stf
+    from jaxdiff.core import stf
     rng = np.random.default_rng(2)
     data = rng.uniform(-1, 1, size=(150, 4, 2)).astype(np.float32)
     x = jnp.asarray(rng.normal(size=(5, 4, 2)), jnp.float32)

@@ -1,4 +1,4 @@
-"""AOT as a pairing of the Loss (jaxdiff.aot): the pool is the data of its steps, its pairs are the exact (per-class)
+"""AOT as a pairing of the Loss (jaxdiff.core.aot): the pool is the data of its steps, its pairs are the exact (per-class)
 optimum on the augmented images, each pair is used once; 8 devices give the 1-device parameters; SIGTERM in the
 middle of a pool resumes bit-identically; a class-conditional digits model trains and samples the requested class;
 every AOT config runs a few steps (CIFAR-10 on tfds mock data)."""
@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from jaxdiff import aot, checkpoint, data, generate, losses, train_step
-from jaxdiff.config_files import named as load_config   # configs/NAME.py with dotted overrides
-from jaxdiff.errors import UserError
+from jaxdiff.core import aot, losses
+from jaxdiff.drivers import checkpoint, generate, train_step
+from jaxdiff import data
+from jaxdiff.drivers.config_files import named as load_config   # configs/NAME.py with dotted overrides
+from jaxdiff.core.errors import UserError
 from jaxdiff.modes import train
 
 MLP = dict(name='mlp', hidden_dim=32, num_layers=1, dropout=0.2)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import augment
+from jaxdiff.core import augment
 
 B, H, W, C = 6, 8, 8, 3
 

@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import config_files
+from jaxdiff.drivers import config_files
 from jaxdiff.bench import problems
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 from jaxdiff.modes import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

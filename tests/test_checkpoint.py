@@ -7,9 +7,9 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdiff import checkpoint, mesh as mesh_lib
-from jaxdiff.errors import UserError
-from jaxdiff.train_step import TrainState
+from jaxdiff.drivers import checkpoint, mesh as mesh_lib
+from jaxdiff.core.errors import UserError
+from jaxdiff.drivers.train_step import TrainState
 
 
 def make_state(seed):

@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxdiff import losses, models
+from jaxdiff.core import losses
+from jaxdiff import models
 from jaxdiff.convert import edm
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 ARCHS = {  # EDM's --arch presets (train.py), at a small size
     'ddpmpp': dict(embedding_type='positional', channel_mult_noise=1, encoder_type='standard',

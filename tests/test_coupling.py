@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy.optimize import linear_sum_assignment
 
-from jaxdiff import coupling
+from jaxdiff.core import coupling
 
 
 def cost64(x, z, cost):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from jaxdiff import data
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 
 class IndexSource(data.ArraySource):

@@ -1,4 +1,4 @@
-"""Discriminator guidance end to end (jaxdiff.discriminator_training, --mode=train_discriminator, guided sampling by
+"""Discriminator guidance end to end (jaxdiff.drivers.discriminator_training, --mode=train_discriminator, guided sampling by
 config): the authors' sigma distribution and optimizer against transcriptions, the OT-paired noise against brute
 force, a discriminator on toy2d against the exact log ratio, bit-identical resume after a crash, 8 devices = 1
 (frozen SongUNet features, OT pairing), and `--mode=sample` with config.sampling.guidance (weight 0 = unguided)."""
@@ -15,10 +15,12 @@ import optax
 import pytest
 from jax.scipy.special import logsumexp
 
-from jaxdiff import analytic, config_files, data, discriminator_training as dt, generate, guidance, mesh as mesh_lib
+from jaxdiff.core import analytic, guidance
+from jaxdiff.drivers import config_files, discriminator_training as dt, generate, mesh as mesh_lib
+from jaxdiff import data
 from jaxdiff import models
-from jaxdiff import precond
-from jaxdiff.errors import UserError
+from jaxdiff.core import precond
+from jaxdiff.core.errors import UserError
 from jaxdiff.modes import train as train_mode, train_discriminator
 
 from configs import dg_common

@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from jaxdiff import digits_metric, fid
+from jaxdiff.drivers import digits_metric, fid
 from jaxdiff.data import digits as digits_data
 
 SHAPE = (16, 16, 1)  # the quickstart / digits configs' data.shape

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import guidance
+from jaxdiff.core import guidance
 from jaxdiff.models.discriminator import DiscriminatorHead, MLPDiscriminator, make_logit_fn
 
 # tiny graphs run once: skipping LLVM optimisation roughly halves their CPU compile time (as tests/test_models.py)

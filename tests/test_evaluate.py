@@ -1,4 +1,4 @@
-"""`--mode=evaluate` (jaxdiff.evaluation) and `--mode=import_edm`.
+"""`--mode=evaluate` (jaxdiff.drivers.evaluation) and `--mode=import_edm`.
 
 - End to end from the command line on a digits workdir: Inception FID / KID with a random-weights file the test
   writes, and the digits metric, in one run (metric=both); the JSON line printed and appended.
@@ -17,13 +17,15 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxdiff import checkpoint as checkpoint_lib, config_files, digits_metric, evaluation, fid, generate, losses
-from jaxdiff import mesh as mesh_lib, schedules, train_step
+from jaxdiff.drivers import checkpoint as checkpoint_lib, config_files, digits_metric, evaluation, fid, generate
+from jaxdiff.core import losses
+from jaxdiff.drivers import mesh as mesh_lib, train_step
+from jaxdiff.core import schedules
 from jaxdiff.convert import edm, inception as convert_inception
 from jaxdiff.data import digits as digits_data
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 from jaxdiff.modes import import_edm
-from jaxdiff import edm_import
+from jaxdiff.drivers import edm_import
 from test_cli import ROOT, run_main
 
 TINY = {'model.model_channels': 8, 'sampling.batch_size': 4, 'sampling.schedule_options.num_steps': 2}

@@ -1,4 +1,4 @@
-"""Fast-ODE on the Loss hooks (loss.parameterization='flow', loss.pairing='fastode'; jaxdiff.flow): the sigma-space
+"""Fast-ODE on the Loss hooks (loss.parameterization='flow', loss.pairing='fastode'; jaxdiff.core.flow): the sigma-space
 loss is the flow-matching loss with the raw time, z comes from the encoder; the encoder lives in the state (its
 gradients from both terms through the real step, 8 devices = 1, SIGTERM and resume bit-identical); the recipes'
 tables (55.7M flow net, EMA 0.9999, warm-up, flips); every config runs a few steps (CIFAR-10 on tfds mock data); a
@@ -10,9 +10,11 @@ import pytest
 from test_cli import run_main
 from test_train import SignalAt
 
-from jaxdiff import checkpoint, data, flow, generate, losses, mesh as mesh_lib, models, train_step
-from jaxdiff.config_files import named as load_config
-from jaxdiff.errors import UserError
+from jaxdiff.drivers import checkpoint, generate, mesh as mesh_lib, train_step
+from jaxdiff import data, models
+from jaxdiff.core import flow, losses
+from jaxdiff.drivers.config_files import named as load_config
+from jaxdiff.core.errors import UserError
 from jaxdiff.modes import train
 
 STEPS = 8

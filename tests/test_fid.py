@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from flax.traverse_util import flatten_dict
 
-from jaxdiff import fid, metrics
+from jaxdiff.drivers import fid
+from jaxdiff.core import metrics
 from jaxdiff.convert import inception as convert_inception
 from jaxdiff.convert import torch_file
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 from jaxdiff.models import inception
 
 
@@ -211,7 +212,7 @@ def test_inception_input_quantizes_like_png_and_tiles_grey():
     images = np.array([-1.0, -0.99, 0.0, 0.5, 1.0], np.float32).reshape(1, 1, 5, 1)
     out = np.asarray(fid.inception_input(images))
     assert out.shape == (1, 1, 5, 3)
-    from jaxdiff import images as images_lib
+    from jaxdiff.drivers import images as images_lib
     np.testing.assert_allclose(out[..., 0], images_lib.to_uint8(images)[..., 0] / 127.5 - 1, atol=1e-6)
 
 

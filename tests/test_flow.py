@@ -1,4 +1,4 @@
-"""Rectified flow and Fast-ODE (jaxdiff.flow, jaxdiff.models.encoder) on exact ground truth: the exact flow velocity of
+"""Rectified flow and Fast-ODE (jaxdiff.core.flow, jaxdiff.models.encoder) on exact ground truth: the exact flow velocity of
 a Gaussian mixture computed in t-space, closed-form KL against Monte Carlo, finite-difference gradients."""
 import functools
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxdiff import analytic, flow, metrics, precond, samplers
+from jaxdiff.core import analytic, flow, metrics, precond, samplers
 from jaxdiff.models import count_params
 from jaxdiff.models.encoder import MLPEncoder, TanhMLP, UNetEncoder
 

@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, samplers, schedules
-from jaxdiff.samplers import gmm_ddim as G
+from jaxdiff.core import analytic, samplers, schedules
+from jaxdiff.core.samplers import gmm_ddim as G
 
 SHAPE = (4, 4, 3)
 
@@ -229,7 +229,7 @@ def test_benchmark_writes_rows_and_shares_random_numbers(tmp_path, capsys):
     exact-sample floor, NFE = steps, finite metrics, a PNG; with scale = 0 the GMM rows equal DDIM's (common random
     numbers)."""
     import csv
-    from jaxdiff import config_files
+    from jaxdiff.drivers import config_files
     from jaxdiff.bench import gmm_ddim as bench_gmm_ddim
     config = config_files.named('bench_gmm_ddim')
     config.gmm_ddim.num_components = 4

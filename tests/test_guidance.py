@@ -1,4 +1,4 @@
-"""Discriminator guidance (jaxdiff.guidance) on exact ground truth: the exact log density ratio of two Gaussian
+"""Discriminator guidance (jaxdiff.core.guidance) on exact ground truth: the exact log density ratio of two Gaussian
 mixtures, finite-difference gradients, transcriptions of the authors' EDM-G++ sampler, counted gradient calls."""
 import math
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from jax.scipy.special import logsumexp
 
-from jaxdiff import analytic, guidance, schedules, samplers
-from jaxdiff.samplers import common
+from jaxdiff.core import analytic, guidance, schedules, samplers
+from jaxdiff.core.samplers import common
 
 STDS = (0.2, 0.3, 0.25)
 

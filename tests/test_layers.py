@@ -1,19 +1,21 @@
-"""The package's layering (ARCHITECTURE.md), read from the import statements of every module: the pure-math layer
-imports no framework and no higher jaxdiff layer, samplers import no models, nothing outside modes/ imports modes/,
-and the training loop names no method."""
+"""The package's layering (ARCHITECTURE.md), read from the import statements of every module (function-local ones
+included): a module imports only from its own folder or a lower layer, the pure-math layer imports no framework,
+nothing imports modes/, there is no import cycle, and the training loop and the sampling drivers name no method."""
 import ast
 import os
 import re
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PACKAGE = os.path.join(ROOT, 'jaxdiff')
-PURE = ('precond', 'losses', 'stf', 'coupling', 'aot', 'flow', 'guidance', 'schedules', 'analytic', 'metrics',
-        'augment', 'samplers', 'errors')
+# A folder's rank: it may import its own rank and lower ones.
+RANK = {'core': 0, 'models': 1, 'data': 1, 'convert': 2, 'drivers': 3, 'bench': 4, 'modes': 5, 'main': 6}
 FRAMEWORKS = ('flax', 'optax', 'orbax', 'ml_collections', 'tensorflow_datasets', 'tensorflow', 'torch')
 ALLOWED = ('optax.assignment',)   # a pure-JAX algorithm (the Hungarian method), no optimizer
 METHOD_NAMES = ('stf', 'aot', 'fastode', 'fast-ode', 'fast_ode', 'amed', 'gmm_ddim', 'guidance', 'discriminator',
-                'reference', 'encoder', 'coupling', 'sinkhorn')
-LOOP_FILES = ('jaxdiff/modes/train.py', 'jaxdiff/train_step.py')
+                'reference', 'encoder', 'coupling', 'sinkhorn', 'cfg', 'autoguidance', 'heun_dg', 'predictor')
+# files that run training or sampling for every method and so must name none
+METHOD_BLIND = ('jaxdiff/modes/train.py', 'jaxdiff/drivers/train_step.py', 'jaxdiff/drivers/generate.py',
+                'jaxdiff/drivers/loop.py', 'jaxdiff/core/samplers/__init__.py', 'jaxdiff/core/samplers/common.py')
 
 
 def modules():
@@ -32,11 +34,8 @@ def modules():
                 if isinstance(node, ast.Import):
                     imported.update(alias.name for alias in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.module:
-                    base = node.module
-                    if node.level:   # relative import: resolve against the package of this module
-                        parts = dotted.split('.')[:-node.level if name != '__init__.py' else len(dotted)]
-                        base = '.'.join(parts + [node.module])
-                    imported.update(f'{base}.{alias.name}' for alias in node.names)
+                    assert not node.level, f'{dotted}: relative import'
+                    imported.update(f'{node.module}.{alias.name}' for alias in node.names)
             found[dotted] = imported
     return found
 
@@ -46,41 +45,82 @@ def layer_of(dotted):
     return parts[1] if len(parts) > 1 else ''
 
 
-def test_pure_math_imports_no_framework_and_no_higher_layer():
+def module_of(name, known):
+    """The package module an imported name refers to (`jaxdiff.core.losses.per_example` -> jaxdiff.core.losses)."""
+    while name not in known and '.' in name:
+        name = name.rsplit('.', 1)[0]
+    return name if name in known else None
+
+
+def test_every_module_sits_in_a_layer_folder():
+    loose = [m for m in modules() if layer_of(m) not in RANK and m != 'jaxdiff']
+    assert not loose, f'modules outside the layer folders: {loose}'
+
+
+def test_imports_point_down():
     problems = []
     for module, imported in modules().items():
-        if layer_of(module) not in PURE:
+        if module == 'jaxdiff':
             continue
         for name in imported:
-            top = name.split('.')[0]
-            if top in FRAMEWORKS and not name.startswith(ALLOWED):
-                problems.append(f'{module} imports {name}')
-            if top == 'jaxdiff' and name != 'jaxdiff' and layer_of(name) not in PURE:
+            if name.startswith('jaxdiff.') and RANK[layer_of(name)] > RANK[layer_of(module)]:
                 problems.append(f'{module} imports {name} (a higher layer)')
     assert not problems, problems
 
 
-def test_samplers_import_no_models_and_nothing_imports_modes():
-    problems = []
-    for module, imported in modules().items():
-        for name in imported:
-            if layer_of(module) == 'samplers' and name.startswith('jaxdiff.models'):
-                problems.append(f'{module} imports {name}')
-            if name.startswith('jaxdiff.modes') and layer_of(module) != 'modes':
-                problems.append(f'{module} imports {name}')
+def test_pure_math_imports_no_framework():
+    problems = [f'{module} imports {name}' for module, imported in modules().items() if layer_of(module) == 'core'
+                for name in imported if name.split('.')[0] in FRAMEWORKS and not name.startswith(ALLOWED)]
     assert not problems, problems
 
 
-def test_the_checker_sees_imports():
+def test_nothing_imports_modes():
+    problems = [f'{module} imports {name}' for module, imported in modules().items()
+                if layer_of(module) not in ('modes', 'main') for name in imported if name.startswith('jaxdiff.modes')]
+    assert not problems, problems
+
+
+def test_no_import_cycle():
+    """Depth-first search over the module graph; importing a.b.c also runs the packages a.b and a."""
+    found = modules()
+    graph = {}
+    for module, imported in found.items():
+        edges = set()
+        for name in imported:
+            target = module_of(name, found)
+            while target and target != 'jaxdiff':
+                if target != module:   # a module's own package counts: its __init__ runs first
+                    edges.add(target)
+                target = target.rsplit('.', 1)[0]
+        graph[module] = edges
+    state, cycles = {}, []
+
+    def visit(node, path):
+        state[node] = 'open'
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 'open':
+                cycles.append(' -> '.join(path[path.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 'done'
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [node])
+    assert not cycles, cycles
+
+
+def test_the_checker_sees_imports_and_cycles():
     """The parser finds what it is looking for (guards the tests above against passing vacuously)."""
     found = modules()
-    assert 'jaxdiff.train_step' in found['jaxdiff.modes.train']   # `from jaxdiff import train_step as ...`
-    assert any(name.startswith('jaxdiff.precond') for name in found['jaxdiff.losses'])
+    assert 'jaxdiff.drivers.train_step' in found['jaxdiff.modes.train']   # `from jaxdiff.drivers import train_step`
+    assert any(name.startswith('jaxdiff.core.precond') for name in found['jaxdiff.core.losses'])
     assert any(name.startswith('flax') for name in found['jaxdiff.models.mlp'])
+    assert module_of('jaxdiff.core.losses.per_example', found) == 'jaxdiff.core.losses'
 
 
-def test_the_training_loop_names_no_method():
-    for path in LOOP_FILES:
+def test_method_blind_files_name_no_method():
+    for path in METHOD_BLIND:
         text = open(os.path.join(ROOT, path)).read().lower()
         named = [name for name in METHOD_NAMES if re.search(rf'\b{re.escape(name)}\b', text)]
         assert not named, f'{path} names {named}'

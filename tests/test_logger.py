@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxdiff import images
-from jaxdiff import logger as logger_lib
+from jaxdiff.drivers import images
+from jaxdiff.drivers import logger as logger_lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

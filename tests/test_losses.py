@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import losses, precond
+from jaxdiff.core import losses, precond
 
 POINT = 0.7  # every training example is the constant image POINT: the exact denoiser is D = POINT
 

@@ -4,7 +4,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, metrics, samplers, schedules
+from jaxdiff.core import analytic, metrics, samplers, schedules
 
 
 def test_curvature_is_zero_for_the_straight_flow_of_a_point_mass():

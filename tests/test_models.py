@@ -302,7 +302,7 @@ def test_summary_ends_with_trainable_parameter_count(capsys):
 
 def test_ncsnpp_frequencies_survive_a_checkpoint_round_trip(tmp_path):
     """The 'buffers' collection is saved with the model (the EMA item's model_state) and restored as it was drawn."""
-    from jaxdiff import checkpoint, mesh as mesh_lib
+    from jaxdiff.drivers import checkpoint, mesh as mesh_lib
     model = models.build('ncsnpp', **TINY)
     variables = fast_jit(lambda key: models.init(model, CIFAR, key))(_key(3))
     item = {'params': variables['params'], 'model_state': {'buffers': variables['buffers']}}

@@ -83,14 +83,14 @@ def read_metrics(workdir):
 
 def restore_ema(config, workdir, mesh):
     """(step, EMA parameters) of the newest checkpoint in `workdir`."""
-    from jaxdiff import generate
+    from jaxdiff.drivers import generate
     trained = generate.restore(config, workdir, mesh)
     return trained.step, trained.variables
 
 
 def test_two_processes_train_and_sample_like_one_process_with_all_devices(tmp_path):
     import jax
-    from jaxdiff import config_files, mesh as mesh_lib
+    from jaxdiff.drivers import config_files, mesh as mesh_lib
 
     multi, single = str(tmp_path / 'two_processes'), str(tmp_path / 'one_process')
     run_together([two_processes(multi, *TOY2D), one_process(single, *TOY2D)])
@@ -128,7 +128,7 @@ def data_worker(coordinator, process_id, out):
     """Process `process_id` of 2: records the example indices it reads, assembles the global batch and gathers it."""
     import jax
     from jax.experimental import multihost_utils
-    from jaxdiff import mesh as mesh_lib
+    from jaxdiff.drivers import mesh as mesh_lib
     from jaxdiff.data import digits, synthetic
 
     mesh_lib.initialize_distributed(True, coordinator, 2, process_id)
@@ -185,8 +185,8 @@ def test_each_process_reads_only_its_own_rows(tmp_path):
 
 def test_initialize_errors_are_one_line_user_errors():
     import jax
-    from jaxdiff import mesh as mesh_lib
-    from jaxdiff.errors import UserError
+    from jaxdiff.drivers import mesh as mesh_lib
+    from jaxdiff.core.errors import UserError
     jax.devices()  # this process has used JAX: too late to join a distributed run
     with pytest.raises(UserError, match='already used JAX') as error:
         mesh_lib.initialize_distributed(True, '127.0.0.1:1', 2, 0)

@@ -5,7 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import analytic, mesh as mesh_lib, samplers, schedules, train_step
+from jaxdiff.core import analytic, samplers, schedules
+from jaxdiff.drivers import mesh as mesh_lib, train_step
 from jaxdiff.modes import train
 from test_train import toy_config
 

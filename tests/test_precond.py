@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import precond
+from jaxdiff.core import precond
 
 
 def test_edm_coefficients_match_table_1_by_hand():

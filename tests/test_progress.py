@@ -1,9 +1,9 @@
-"""jaxdiff.progress on a fake clock: exact lines, throttling, rate from the first update, ETA, track()."""
+"""jaxdiff.drivers.progress on a fake clock: exact lines, throttling, rate from the first update, ETA, track()."""
 import io
 
 import pytest
 
-from jaxdiff.progress import Progress, format_seconds
+from jaxdiff.drivers.progress import Progress, format_seconds
 
 
 class FakeClock:

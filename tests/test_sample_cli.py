@@ -4,7 +4,7 @@ declares for it."""
 import numpy as np
 import pytest
 
-from jaxdiff import samplers, schedules
+from jaxdiff.core import samplers, schedules
 from test_cli import assert_one_line_error, run_main
 
 TOY = ['--config=configs/toy2d_edm.py', '--config.training.total_images=2048', '--config.model.hidden_dim=16',

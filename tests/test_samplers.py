@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxdiff import analytic, samplers, schedules
+from jaxdiff.core import analytic, samplers, schedules
 from jaxdiff.bench import problems
-from jaxdiff.samplers import common, ddim as ddim_module, multistep
+from jaxdiff.core.samplers import common, ddim as ddim_module, multistep
 
 FIXED_GRID = [('euler', {}), ('heun', {}), ('heun', {'s_churn': 5.0}), ('dpm2', {}), ('dpmpp_2m', {}),
               ('dpmpp_3m', {}), ('dpmpp_3m', {'form': 'third_order'}), ('ipndm', {}), ('ipndm', {'max_order': 2}),
@@ -197,7 +197,7 @@ def test_full_order_of_multistep_updates_from_exact_history(name, options, spaci
         grids = [[t0 * np.exp(k * h) for k in (3, 2, 1, 0, -1)] if spacing == 'log' else
                  [t0 + k * h for k in (3, 2, 1, 0, -1)] for h in steps]
         points = sorted({t for g in grids for t in g}, reverse=True)
-        from jaxdiff.samplers import adaptive
+        from jaxdiff.core.samplers import adaptive
         _, _, states = adaptive.solve_log_sigma(gmm.denoiser, x_start, 2.0, points[-1], solver='dopri5', rtol=1e-13,
                                                 atol=1e-13, max_steps=100_000, save_sigmas=jnp.asarray(points))
         exact = dict(zip(points, states))

@@ -3,8 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from jaxdiff import schedules
-from jaxdiff.samplers import common
+from jaxdiff.core import schedules
+from jaxdiff.core.samplers import common
 
 
 def test_edm_matches_karras_eq5():

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import generate, mesh as mesh_lib, precision, train_step
+from jaxdiff.drivers import generate, mesh as mesh_lib, precision, train_step
 from jaxdiff.modes import train
 from test_train import load_config, toy_config
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
-from jaxdiff import analytic, precond, stf
-from jaxdiff.config_files import named as load_config   # configs/NAME.py with dotted overrides
-from jaxdiff.mesh import make_mesh
+from jaxdiff.core import analytic, precond, stf
+from jaxdiff.drivers.config_files import named as load_config   # configs/NAME.py with dotted overrides
+from jaxdiff.drivers.mesh import make_mesh
 
 
 def formula(x, sigma, reference):
@@ -200,7 +200,7 @@ def test_stf_loss_is_zero_for_the_exact_denoiser_in_every_parameterization(param
     analytic.Empirical's denoiser has zero STF loss, and positive loss with the plain target. This checks that
     the target composes with EDM, VP and VE preconditioning (the authors' VE ignores STF, their VP crashes); the
     loss is also identical with the batch sharded over 8 devices (the reference is global under jit)."""
-    from jaxdiff import losses
+    from jaxdiff.core import losses
     rng = np.random.default_rng(6)
     data = rng.uniform(-1, 1, size=(32, 4, 4, 1)).astype(np.float32)
     exact = analytic.Empirical(data).denoiser
@@ -224,13 +224,14 @@ def test_stf_loss_is_zero_for_the_exact_denoiser_in_every_parameterization(param
 
 
 def test_stf_target_needs_a_reference_size():
-    from jaxdiff import losses
+    from jaxdiff.core import losses
     with pytest.raises(ValueError, match='loss.reference_size'):
         losses.build(target='stf')
 
 
 def test_reference_batch_is_the_minibatch_then_independently_augmented_extras():
-    from jaxdiff import losses, train_step
+    from jaxdiff.core import losses
+    from jaxdiff.drivers import train_step
     rng = np.random.default_rng(7)
     batch = {'image': jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32),
              'reference_extra': jnp.asarray(rng.uniform(-1, 1, (24, 8, 8, 1)), jnp.float32)}
@@ -245,14 +246,14 @@ def test_reference_batch_is_the_minibatch_then_independently_augmented_extras():
 
 def check_reference_size(config, mesh):
     """The STF loss's config check (a losses.Hooks.check), as the training mode calls it."""
-    from jaxdiff import losses
+    from jaxdiff.core import losses
     losses.build(**config.loss).check(batch_size=config.training.batch_size, num_devices=mesh.devices.size)
 
 
 @pytest.mark.parametrize('reference_size, message', [(16, 'must be an integer >= training.batch_size=32'),
                                                      (100, 'not divisible by the number of devices')])
 def test_bad_reference_sizes_are_one_line_errors(reference_size, message):
-    from jaxdiff.errors import UserError
+    from jaxdiff.core.errors import UserError
     config = load_config('digits_stf', **{'loss.reference_size': reference_size, 'training.batch_size': 32})
     with pytest.raises(UserError, match=message) as error:
         check_reference_size(config, make_mesh())
@@ -278,7 +279,7 @@ def test_digits_stf_trains_and_samples(tmp_path):
 
 def test_cifar_stf_without_data_fails_at_once_with_instructions(tmp_path):
     from jaxdiff.modes import train
-    from jaxdiff.errors import UserError
+    from jaxdiff.core.errors import UserError
     config = load_config('cifar_stf', **{'data.data_dir': str(tmp_path / 'no_cifar')})
     with pytest.raises(UserError, match='CIFAR-10.*not found.*data_dir'):
         train.run(config, str(tmp_path / 'run'))

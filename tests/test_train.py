@@ -9,9 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff import checkpoint, config_files, data, losses as losses_lib, mesh as mesh_lib, models, train_step
+from jaxdiff.drivers import checkpoint, config_files, mesh as mesh_lib, train_step
+from jaxdiff import data, models
+from jaxdiff.core import losses as losses_lib
 from jaxdiff.modes import train as train_mode
-from jaxdiff.denoiser import Denoiser
+from jaxdiff.models.denoiser import Denoiser
 
 load_config = config_files.named     # configs/NAME.py with dotted overrides, e.g. **{'training.batch_size': 8}
 

@@ -28,9 +28,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import amed_train, metrics, samplers, schedules
+from jaxdiff.drivers import amed_train
+from jaxdiff.core import metrics, samplers, schedules
 from jaxdiff.bench import problems as problems_lib
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 from jaxdiff.models.amed_predictor import AMEDPredictor
 
 NFES = (3, 4, 5, 6, 7, 8, 9, 10)
@@ -160,7 +161,7 @@ def model_rows(config, model_workdir, *, nfes=(5,), methods=tuple(METHODS), num_
     """Rows {setting='digits_model', method, nfe, error, fd} on the trained network of `model_workdir`: error =
     RMSE against Heun at 501 NFE from the same noise, fd = pixel-space Frechet distance to the held-out digits
     (split 'test'); the exact reference's own fd is a row 'Heun (501 NFE)'. AMED predictors read the real bottleneck."""
-    from jaxdiff import generate, mesh as mesh_lib
+    from jaxdiff.drivers import generate, mesh as mesh_lib
     from jaxdiff.data import digits
 
     trained = generate.restore(config, model_workdir, mesh_lib.make_mesh())
@@ -246,7 +247,7 @@ def run(config, workdir):
         print(table(rows, nfes), flush=True)
         all_rows += rows
     if b.model_config:
-        from jaxdiff import config_files
+        from jaxdiff.drivers import config_files
         model_config = config_files.load(b.model_config)
         model_nfes = tuple(int(n) for n in b.model_nfes)
         rows = model_rows(model_config, b.model_workdir or model_config.amed.model_workdir, nfes=model_nfes,

@@ -8,7 +8,7 @@ sampler key of a seed (common random numbers: with scale = 0 the GMM samples wou
 draws from fold_in(problem.noise_key(seed), s), so two problems never share noise. An 'exact' row (exact samples of
 the same size) shows each metric's sampling-noise floor.
 
-Metrics (`jaxdiff.metrics`, against the exact distribution): Frechet distance of the samples' Gaussian fit to the
+Metrics (`jaxdiff.core.metrics`, against the exact distribution): Frechet distance of the samples' Gaussian fit to the
 exact moments (`problem.moments()`: the mixture's closed form; the digits set's own), sliced Wasserstein-2
 (`num_projections` directions, the same for every method) to an exact reference set (the whole digits training
 set; `num_samples` exact mixture samples), and the mode-weight error
@@ -22,9 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import metrics, samplers, schedules
+from jaxdiff.core import metrics, samplers, schedules
 from jaxdiff.bench import problems as problems_lib
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 METRICS = ('fd', 'sw', 'mode_tv')
 EXACT = 'exact'
@@ -96,7 +96,7 @@ def _check(b):
     for name in b.problems:
         if name not in problems_lib.REGISTRY:
             raise UserError(f'bench.problems: unknown {name!r}; valid: {", ".join(problems_lib.REGISTRY)}')
-    from jaxdiff.samplers import gmm_ddim
+    from jaxdiff.core.samplers import gmm_ddim
     for method in b.methods:
         if method != 'ddim' and method not in gmm_ddim.VARIANTS:
             raise UserError(f'bench.methods: unknown {method!r}; valid: ddim, {", ".join(gmm_ddim.VARIANTS)}')

@@ -1,4 +1,4 @@
-"""Truth problems: distributions whose denoiser is exact (`jaxdiff.analytic`), one registry for the benchmark tables,
+"""Truth problems: distributions whose denoiser is exact (`jaxdiff.core.analytic`), one registry for the benchmark tables,
 the tests and the notebooks.
 
     problem = problems.get('mixture_2d')                     # options: problems.get('digits', shape=(16, 16, 1))
@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import analytic
-from jaxdiff.errors import UserError
+from jaxdiff.core import analytic
+from jaxdiff.core.errors import UserError
 
 
 class Problem:

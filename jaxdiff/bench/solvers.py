@@ -30,9 +30,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import analytic, metrics, samplers, schedules
+from jaxdiff.core import analytic, metrics, samplers, schedules
 from jaxdiff.bench import problems as problems_lib
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 # label -> (sampler name, options)
 SOLVERS = {

@@ -22,7 +22,7 @@ def cpu_name():
 def load_config(path, overrides=()):
     """The config file with 'SECTION.FIELD=VALUE' overrides; VALUE a Python literal (1, (1, 2), 'bf16') or a
     bare string."""
-    from jaxdiff import config_files
+    from jaxdiff.drivers import config_files
     parsed = {}
     for item in overrides:
         field, _, value = item.partition('=')
@@ -36,7 +36,7 @@ def load_config(path, overrides=()):
 def train_step(config, mesh):
     """(setup, jitted step) of `config` exactly as the training loop builds them (train_step.build applies
     config.training.precision; the state is donated)."""
-    from jaxdiff import train_step as train_step_lib
+    from jaxdiff.drivers import train_step as train_step_lib
     setup = train_step_lib.build(config)
     return setup, train_step_lib.Jit(mesh).compile(setup.train_step)
 

@@ -41,7 +41,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxdiff.convert import torch_file
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 PRECONDITIONINGS = ('EDMPrecond', 'VPPrecond', 'VEPrecond')
 PARAMETERIZATION_OF = {'EDMPrecond': 'edm', 'VPPrecond': 'vp', 'VEPrecond': 've'}

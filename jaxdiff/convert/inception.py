@@ -14,7 +14,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxdiff.convert import torch_file
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 from jaxdiff.models import inception
 
 WEIGHTS_FILE = 'pt_inception-2015-12-05-6726825d.pth'

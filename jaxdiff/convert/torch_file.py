@@ -24,7 +24,7 @@ import zipfile
 import ml_dtypes
 import numpy as np
 
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 LEGACY_MAGIC_NUMBER = 0x1950a86a20f9469cfc6c
 LEGACY_PROTOCOL_VERSION = 1001

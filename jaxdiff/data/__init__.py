@@ -36,7 +36,7 @@ Config fields (`config.data`; each feeds the argument of the same name of the se
   num_modes, mode_std, mixture_seed    gmm (defaults 8, 0.05, 0); see `synthetic`
   offset, variance                     two_gaussians (defaults 8.0, (3.0, 0.1)); see `synthetic`
 Unknown fields are a ValueError naming the field and listing the set's fields.
-Fields read by the training step, not here: `augment_p` (and any `augment_*` options of `jaxdiff.augment`).
+Fields read by the training step, not here: `augment_p` (and any `augment_*` options of `jaxdiff.core.augment`).
 """
 import inspect
 

@@ -7,7 +7,7 @@ The data is never downloaded here: absent data is a one-line `UserError` saying 
 import numpy as np
 
 from jaxdiff import data
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 SHAPE = (32, 32, 3)
 SPLITS = ('train', 'test')

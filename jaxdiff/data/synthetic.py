@@ -22,7 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff import analytic, data
+from jaxdiff.core import analytic
+from jaxdiff import data
 
 NOMINAL_SIZE = 1 << 20  # `num_examples` of a set that has no finite size (used for epoch bookkeeping only)
 MIN_SEPARATION = 8.0    # in units of mode_std: neighbouring modes overlap with probability < Phi(-4) ~ 3e-5

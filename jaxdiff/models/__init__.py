@@ -2,7 +2,7 @@
 
 Every network maps `(x, noise_labels, class_labels=None, augment_labels=None, train=False)` to the raw output F of
 EDM's D(x; sigma) = c_skip x + c_out F(c_in x; c_noise) (Karras et al. 2022, eq. 7); preconditioning lives in
-`jaxdiff.precond`. Intermediate features are sown into the 'intermediates' collection (the denoiser networks sow
+`jaxdiff.core.precond`. Intermediate features are sown into the 'intermediates' collection (the denoiser networks sow
 'bottleneck'; read them with `apply(..., mutable=['intermediates'])`). Non-trainable state lives in 'buffers' (NCSN++'s
 Fourier frequencies): `init(model, data_shape, key)` returns every collection, `params` is its 'params' entry.
 

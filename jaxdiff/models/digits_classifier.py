@@ -4,7 +4,7 @@ A ReLU MLP: flattened image -> `hidden_dim` -> `feature_dim` -> 10 class logits.
 penultimate layer before its ReLU: no unit is constant zero there, so feature covariances are not singular. Input: jaxdiff's
 digits images [B, R, R, 1] in [-1, 1] (`jaxdiff.data.digits`). An MLP rather than a CNN because it trains in
 seconds on a CPU (XLA's CPU convolutions with so few channels are slow to differentiate) and reaches the accuracy of
-an RBF SVM within two points on the held-out digits. Trained by `jaxdiff.digits_metric.train_classifier`.
+an RBF SVM within two points on the held-out digits. Trained by `jaxdiff.drivers.digits_metric.train_classifier`.
 """
 import flax.linen as nn
 import jax.numpy as jnp

@@ -1,7 +1,7 @@
 """Time-conditioned discriminators for discriminator guidance (Kim, Kim, Kwon, Kang, Moon, ICML 2023).
 
 The discriminator d(x, sigma) separates perturbed data (label 1) from perturbed model samples (label 0); guidance
-reads its logit log(d / (1 - d)) (`jaxdiff.guidance`). Both networks here return that logit, [B], no sigmoid.
+reads its logit log(d / (1 - d)) (`jaxdiff.core.guidance`). Both networks here return that logit, [B], no sigmoid.
 
   DiscriminatorHead  the authors' trainable head on frozen features [B, h, w, C] (theirs: ADM's 32x32 classifier
                      encoder, [B, 8, 8, 512]; here the trained jaxdiff denoiser's own encoder, read through Flax

@@ -7,7 +7,7 @@ encoder, resample filter [1, 3, 3, 1]. With those settings the trainable paramet
 and 56,397,827 (NCSN++), as in EDM.
 
 The module returns the raw network output F (EDM eq. 7: D(x; sigma) = c_skip x + c_out F(c_in x; c_noise));
-preconditioning lives in `jaxdiff.precond`. NCSN++'s Fourier frequencies are a variable of the 'buffers' collection
+preconditioning lives in `jaxdiff.core.precond`. NCSN++'s Fourier frequencies are a variable of the 'buffers' collection
 (drawn at init, never trained); `conv_algorithm` picks how the 3x3 convolutions run (outputs equal to round-off).
 """
 from typing import Any, Sequence

@@ -8,7 +8,7 @@ Each table module (jaxdiff/bench/NAME.py) has `run(config, workdir)`, imported o
 """
 import importlib
 
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 TABLES = ('solvers', 'gmm_ddim', 'amed')
 

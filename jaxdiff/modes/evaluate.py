@@ -1,14 +1,14 @@
 """Mode `evaluate`: FID / KID (Inception features) and / or digits FD / KID of N samples of the workdir's EMA
 network, made with config.sampling (any sampler, guidance, AMED predictor), against config.evaluation's reference;
-one JSON line of results printed and appended to WORKDIR/evaluation.jsonl (jaxdiff.evaluation).
+one JSON line of results printed and appended to WORKDIR/evaluation.jsonl (jaxdiff.drivers.evaluation).
 
     python -m jaxdiff.main --config=configs/cifar_fid.py --workdir=runs/cifar_edm --mode=evaluate
     python -m jaxdiff.main --config=configs/digits_eval.py --workdir=runs/quickstart --mode=evaluate
 """
 import jax
 
-from jaxdiff import config_check, evaluation, mesh as mesh_lib
-from jaxdiff.errors import UserError
+from jaxdiff.drivers import config_check, evaluation, mesh as mesh_lib
+from jaxdiff.core.errors import UserError
 
 
 def run(config, workdir):

@@ -11,7 +11,7 @@ pickle's or EDM's defaults), overrides (SongUNet fields, e.g. dropout for fine-t
 
 Writes WORKDIR/checkpoints/0 (item 'ema' only: there is no optimizer state to resume) and
 WORKDIR/imported_config.json (config.model, data shape, config.loss, the sampling grid's sigma range, the source),
-which configs/edm_import.py reads, so that config gives every mode the imported network (jaxdiff.edm_import).
+which configs/edm_import.py reads, so that config gives every mode the imported network (jaxdiff.drivers.edm_import).
 """
 import json
 import os
@@ -19,9 +19,9 @@ import os
 import jax
 import numpy as np
 
-from jaxdiff import config_files, edm_import
+from jaxdiff.drivers import config_files, edm_import
 from jaxdiff.convert import edm
-from jaxdiff.errors import UserError
+from jaxdiff.core.errors import UserError
 
 CONFIG_FILE = os.path.join(config_files.CONFIG_DIR, 'edm_import.py')
 

@@ -10,8 +10,8 @@ import os
 import jax
 import numpy as np
 
-from jaxdiff import config_check, generate, images, mesh as mesh_lib
-from jaxdiff.errors import UserError
+from jaxdiff.drivers import config_check, generate, images, mesh as mesh_lib
+from jaxdiff.core.errors import UserError
 
 
 def run(config, workdir):

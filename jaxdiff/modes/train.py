@@ -1,9 +1,9 @@
 """Mode `train`: the one training loop, `run(config, workdir)`.
 
-    every step: batch (the input pipeline, a background thread) -> train_step (jaxdiff.train_step)
+    every step: batch (the input pipeline, a background thread) -> train_step (jaxdiff.drivers.train_step)
     every log_every_steps: fetch the on-device metrics (the only host sync), log; NaN/Inf -> stop
     every checkpoint_every_steps (and on SIGTERM/SIGINT, and at the end): save items 'state' and 'ema'
-    every sample_every_steps: a grid of samples from the EMA parameters (jaxdiff.generate)
+    every sample_every_steps: a grid of samples from the EMA parameters (jaxdiff.drivers.generate)
 
 An existing workdir resumes from its newest readable checkpoint, bit-identically: the state is restored exactly,
 randomness is fold_in(key, step), the data of step s is a pure function of s (jaxdiff.data), and a pool of rows
@@ -17,11 +17,12 @@ import threading
 
 import jax
 
-from jaxdiff import checkpoint as checkpoint_lib
-from jaxdiff import config_check, data as data_lib, generate, images, logger as logger_lib, mesh as mesh_lib
-from jaxdiff import train_step as train_step_lib
-from jaxdiff import workdir_lock
-from jaxdiff.errors import UserError
+from jaxdiff.drivers import checkpoint as checkpoint_lib
+from jaxdiff.drivers import config_check, generate, images, logger as logger_lib, mesh as mesh_lib
+from jaxdiff import data as data_lib
+from jaxdiff.drivers import train_step as train_step_lib
+from jaxdiff.drivers import workdir_lock
+from jaxdiff.core.errors import UserError
 
 
 class NonFiniteLoss(UserError):

@@ -1,4 +1,4 @@
-"""Mode `train_amed`: fit an AMED predictor to a teacher solver on a trained checkpoint (jaxdiff.amed_train).
+"""Mode `train_amed`: fit an AMED predictor to a teacher solver on a trained checkpoint (jaxdiff.drivers.amed_train).
 
     python -m jaxdiff.main --config=configs/digits_amed.py --mode=train_amed --workdir=runs/digits_amed_nfe5
 
@@ -7,10 +7,11 @@ and its settings (`amed.json`) to the workdir, so `--config.sampling.predictor_w
 """
 import os
 
-from jaxdiff import amed_train, generate, mesh as mesh_lib, models
-from jaxdiff.errors import UserError
+from jaxdiff.drivers import amed_train, generate, mesh as mesh_lib
+from jaxdiff import models
+from jaxdiff.core.errors import UserError
 from jaxdiff.models.amed_predictor import AMEDPredictor
-from jaxdiff.samplers import amed
+from jaxdiff.core.samplers import amed
 
 
 def describe_model(config, model_workdir, step):

@@ -1,5 +1,5 @@
 """Mode `train_discriminator`: the discriminator of discriminator guidance for a trained model
-(jaxdiff.discriminator_training).
+(jaxdiff.drivers.discriminator_training).
 
     python -m jaxdiff.main --config=configs/toy2d_dg.py --mode=train_discriminator --workdir=runs/toy2d_dg_disc \
         --config.discriminator.model_workdir=runs/toy2d_dg
@@ -13,9 +13,10 @@ import os
 
 import jax
 
-from jaxdiff import config_check, data as data_lib, discriminator_training, generate, images, mesh as mesh_lib
-from jaxdiff import workdir_lock
-from jaxdiff.errors import UserError
+from jaxdiff.drivers import config_check, discriminator_training, generate, images, mesh as mesh_lib
+from jaxdiff import data as data_lib
+from jaxdiff.drivers import workdir_lock
+from jaxdiff.core.errors import UserError
 from jaxdiff.modes import train as train_mode
 
 

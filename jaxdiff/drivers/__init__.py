@@ -1,0 +1,1 @@
+"""Drivers: I/O, devices and config sections (checkpoints, train step, loop skeleton, sampling, evaluation)."""
