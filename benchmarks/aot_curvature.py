@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff.bench.speed import cpu_name  # noqa: E402
-from jaxdiff.drivers import config_files, fid, generate, train_step
+from jaxdiff.drivers import config_files, fid, sampling, trained as trained_lib, train_step
 from jaxdiff import data
 from jaxdiff.core import metrics, samplers, schedules  # noqa: E402
 from jaxdiff.modes import train  # noqa: E402
@@ -130,8 +130,8 @@ class Solvers:
     """Jitted solves shared by every model of a problem (one compile per sampler and grid)."""
 
     def __init__(self, config, reference_steps):
-        model, _, precond = generate.networks_of(config)
-        self.denoiser_fn = generate.denoiser_fn_for(model, precond)
+        model, _, precond = trained_lib.networks_of(config)
+        self.denoiser_fn = trained_lib.denoiser_fn_for(model, precond)
         self._compiled = {}
         self.reference_sigmas = self.grid(reference_steps)
 

@@ -6,7 +6,7 @@ Each case runs in its own process (a deadlock aborts the process: XLA's rendezvo
 --terminate_s seconds): a small training-like step (replicated state of 30 arrays, a sharded batch, an
 all-reduce) in a loop, dispatched
   jit, unbounded       as fast as Python goes (jax's asynchronous dispatch; nothing waits)
-  jit, window K        waiting for step n - K before dispatching step n (--windows; `mesh.max_steps_in_flight`)
+  jit, window K        waiting for step n - K before dispatching step n (--windows; `Placement.max_steps_in_flight`)
   pmap + x[0]          pmap, then x[0] of every leaf (the old `Pmap.get_state`: a gather over all devices per leaf)
   pmap + host copy     pmap, then device 0's shard through the host (the current `Pmap.get_state`)
 while --load processes multiply matrices on the same cores (a busy CI machine). Prints, per case, the steps done

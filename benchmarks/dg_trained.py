@@ -33,7 +33,7 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dg_common, quickstart  # noqa: E402
 from jaxdiff.bench.speed import cpu_name  # noqa: E402
-from jaxdiff.drivers import config_files, discriminator_training as dt, generate, mesh as mesh_lib
+from jaxdiff.drivers import config_files, discriminator_training as dt, generate, sampling, trained as trained_lib, mesh as mesh_lib
 from jaxdiff import data
 from jaxdiff.core import metrics  # noqa: E402
 from jaxdiff.modes import train as train_mode, train_discriminator  # noqa: E402
@@ -117,7 +117,7 @@ def run_problem(name, config, distance_cls, args, root):
         print(f'[{name}] discriminator ({pairing}) trained in {time.perf_counter() - start:.0f} s', flush=True)
 
     mesh = mesh_lib.make_mesh()
-    trained = generate.restore(config, model_dir, mesh)
+    trained = trained_lib.restore(config, model_dir, mesh)
     distance = distance_cls(config, args.num_samples)
     print(f'\n[{name}] {args.num_samples} samples per cell, same x_T per column; {distance.header}')
     print('| sampler / guidance | ' + ' | '.join(f'NFE {nfe}' for nfe in STEPS_OF_NFE) + ' | gradient calls |')
@@ -132,11 +132,11 @@ def run_problem(name, config, distance_cls, args, root):
                 row.sampling.guidance.weight = weight or 0.0
                 row.sampling.guidance.first_evaluation_only = bool(first_only)
                 row.sampling.guidance.sigma_max = sigma_max or float('inf')
-            generator = generate.Generator(row, trained.denoiser_fn, mesh)
+            generator = sampling.generator(row, mesh, trained.denoiser_fn)
             samples = generator(trained.variables, args.num_samples)
             assert generator.nfe == nfe, (generator.nfe, nfe)
             cells.append(distance(samples))
-            calls.append(str(generator.guidance_calls or 0))
+            calls.append(str(generator.info.get('gradient_evaluations', 0)))
         print(f'| {label} | ' + ' | '.join(cells) + f' | {" / ".join(calls)} |', flush=True)
 
 

@@ -37,7 +37,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from jaxdiff.bench.speed import cpu_name  # noqa: E402
-from jaxdiff.drivers import config_files, generate, train_step
+from jaxdiff.drivers import config_files, sampling, trained as trained_lib, train_step
 from jaxdiff import data
 from jaxdiff.core import metrics, samplers, schedules  # noqa: E402
 from jaxdiff.bench import amed as amed_bench  # noqa: E402
@@ -78,8 +78,8 @@ class Solvers:
     grid length, parameters and grids as arguments."""
 
     def __init__(self, config):
-        self.model, _, precond = generate.networks_of(config)
-        self.denoiser_fn = generate.denoiser_fn_for(self.model, precond)
+        self.model, _, precond = trained_lib.networks_of(config)
+        self.denoiser_fn = trained_lib.denoiser_fn_for(self.model, precond)
         self._compiled = {}
 
         @jax.jit

@@ -14,7 +14,7 @@ from configs import cifar_edm
 
 
 def amed_fields(**fields):
-    """config.amed: the arguments of `amed_train.train_predictor` and its grid (names = the arguments they feed)."""
+    """config.amed: the fields of `amed_train.Settings` (the predictor, its grid and its training)."""
     return dict(dict(model_workdir=config_dict.placeholder(str),   # workdir of the trained model (its checkpoints/)
                      base=config_dict.placeholder(str),            # None: AMED-Solver; euler | dpm2 | ipndm | dpmpp_2m
                      schedule='time_uniform',                      # the authors' grid: VP time uniform on
@@ -22,7 +22,8 @@ def amed_fields(**fields):
                      num_points=4, sigma_min=0.002, sigma_max=80.0, rho=7.0, afs=True,
                      max_order=4, lower_order_final=config_dict.placeholder(bool),   # None: True on dpmpp_2m
                      teacher='heun', extra_points=1, eps_c=0.01, eps_a=0.0,
-                     num_trajectories=10_000, batch_size=128, lr=5e-3, seed=0, log_every_rounds=10), **fields)
+                     num_trajectories=10_000, batch_size=128, lr=5e-3, seed=0, log_every_rounds=10,
+                     checkpoint_every_rounds=10), **fields)
 
 
 def get_config():

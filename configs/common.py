@@ -25,7 +25,7 @@ def training(**fields):
     return dict(dict(batch_size=512, total_images=200_000_000, lr=1e-3, lr_rampup_images=10_000_000,
                      ema_halflife_images=500_000, ema_rampup_ratio=0.05, seed=0, precision='fp32',
                      parallelism='jit', log_every_steps=100, checkpoint_every_steps=5_000, keep_checkpoints=3,
-                     sample_every_steps=20_000), **fields)
+                     sample_every_steps=20_000, label_dropout=0.0), **fields)
 
 
 def edm_grid(**fields):

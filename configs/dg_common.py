@@ -5,7 +5,7 @@ command line (--config.discriminator.pairing=aot, --config.sampling.guidance.wei
 """
 from ml_collections import config_dict
 
-from jaxdiff.drivers import discriminator_training
+from jaxdiff.drivers import discriminator_guidance, discriminator_training
 
 
 def discriminator(*, model_workdir, network, **fields):
@@ -22,8 +22,8 @@ def discriminator(*, model_workdir, network, **fields):
 def guidance(**fields):
     """config.sampling.guidance: off until discriminator_workdir names a trained discriminator; the authors' w = 2,
     guidance while VP time tau >= 0.01 (sigma >= 0.0447), first evaluation of each Heun step only, no boosting."""
-    return dict(dict(discriminator_training.GUIDANCE_FIELDS, discriminator_workdir=config_dict.placeholder(str)),
-                **fields)
+    return dict(dict(discriminator_guidance.DEFAULTS, name='discriminator',
+                     discriminator_workdir=config_dict.placeholder(str)), **fields)
 
 
 def add(config, *, discriminator_fields, guidance_fields=None):

@@ -3,11 +3,14 @@
 MODES maps each mode to `run(config, workdir)` in jaxdiff/modes/, imported only when chosen; no logic here beyond
 turning command-line problems into one `error:` line.
 
-Option dicts (config.sampling.sampler_options, schedule_options) take any key from the command line, also one the
-config file does not list (`--config.sampling.sampler_options.eta=1.0`): the chosen sampler or schedule says
+`--config.FIELD=VALUE` overrides are parsed by jaxdiff.drivers.overrides, not by absl: absl loads the file, then a
+config that imports a network (an `edm_import` section) gets the sections of the network in its workdir
+(jaxdiff.drivers.edm_import.resolve), then the overrides apply. A misspelled field is one line naming the valid
+ones; option dicts (config.sampling.sampler_options, schedule_options, guidance) take any key, also one the config
+file does not list (`--config.sampling.sampler_options.eta=1.0`): the chosen sampler, schedule or transform says
 whether it is valid.
 """
-import ast
+import functools
 import importlib
 import os
 import sys
@@ -15,8 +18,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from jaxdiff.drivers import config_files
 from jaxdiff.core.errors import UserError
+from jaxdiff.drivers import config_files, edm_import, overrides as overrides_lib
 
 MODES = {
     'train': 'jaxdiff.modes.train:run',
@@ -28,47 +31,11 @@ MODES = {
     'evaluate': 'jaxdiff.modes.evaluate:run',
     'import_edm': 'jaxdiff.modes.import_edm:run',
 }
-OPEN_SECTIONS = ('sampling.sampler_options', 'sampling.schedule_options')
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file('config', None, 'ml-collections config file (configs/NAME.py).', lock_config=True)
 flags.DEFINE_string('workdir', None, 'Directory for checkpoints, metrics and samples.')
 flags.DEFINE_enum('mode', 'train', list(MODES), 'What to run.')
-
-_open_overrides = {}   # 'sampling.sampler_options.eta' -> value, taken off argv before absl parses it
-
-
-def _parse_value(text):
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def take_open_overrides(argv):
-    """argv without --config.<open section>.KEY=VALUE arguments (returned separately as {dotted: value})."""
-    kept, taken = [], {}
-    for arg in argv:
-        name, _, value = arg.partition('=')
-        field = name[len('--config.'):] if name.startswith('--config.') else ''
-        section = field.rpartition('.')[0]
-        if section in OPEN_SECTIONS and _:
-            taken[field] = _parse_value(value)
-        else:
-            kept.append(arg)
-    return kept, taken
-
-
-def apply_open_overrides(config, overrides):
-    for field, value in overrides.items():
-        section_name, _, key = field.rpartition('.')
-        group, sub = section_name.split('.')
-        if group not in config:
-            raise UserError(f'--config.{field}: the config has no section {group}')
-        options = dict(config[group].get(sub) or {})
-        options[key] = value
-        with config.unlocked():
-            config[group][sub] = options
 
 
 def check_config_path(argv):
@@ -85,7 +52,7 @@ def check_config_path(argv):
         config_files.make_importable(path.split(':')[0])
 
 
-def main(argv):
+def main(argv, overrides=()):
     del argv
     if FLAGS.config is None:
         raise app.UsageError('--config is required, e.g. --config=configs/quickstart.py')
@@ -93,9 +60,10 @@ def main(argv):
         logging.set_verbosity(logging.ERROR)
     module_name, function_name = MODES[FLAGS.mode].split(':')
     try:
-        apply_open_overrides(FLAGS.config, _open_overrides)
+        config = edm_import.resolve(FLAGS.config, FLAGS.workdir)
+        overrides_lib.apply(config, overrides)
         run = getattr(importlib.import_module(module_name), function_name)
-        run(FLAGS.config, FLAGS.workdir)
+        run(config, FLAGS.workdir)
     except (UserError, ValueError, FileNotFoundError) as e:
         logging.flush()
         print(f'error: {e}', file=sys.stderr, flush=True)
@@ -104,11 +72,10 @@ def main(argv):
 
 
 def entry():
-    argv, overrides = take_open_overrides(sys.argv)
-    _open_overrides.update(overrides)
-    sys.argv[:] = argv   # config_flags reads its overrides from sys.argv
+    argv, overrides = overrides_lib.split(sys.argv)
+    sys.argv[:] = argv   # config_flags looks for overrides in sys.argv: it finds none and only loads the file
     check_config_path(argv)
-    app.run(main, argv=argv)
+    app.run(functools.partial(main, overrides=overrides), argv=argv)
 
 
 if __name__ == '__main__':

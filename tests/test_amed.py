@@ -1,6 +1,8 @@
 """AMED (Zhou et al., CVPR 2024): reductions to DPM-Solver-2 and to the plugins' base solvers, honest NFE with and
 without AFS, the bottleneck input, gradients through r, one training round, and the predictor checkpoint;
 against exact mixture denoisers."""
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -40,7 +42,7 @@ def _neutral_params(module):
 
 
 class _WithBottleneck:
-    """The exact mixture denoiser plus a fake 8x8x2 bottleneck, through the aux convention (common.call_denoiser)."""
+    """The exact mixture denoiser plus a fake 8x8x2 bottleneck, through the aux convention (common.call_with_aux)."""
 
     def __init__(self, denoiser, scale):
         self.denoiser, self.scale = denoiser, scale
@@ -240,6 +242,25 @@ def test_gradient_through_r_matches_finite_differences(x64):
         assert abs(float(frozen_grad(r)) - finite) > 1e-3 * abs(finite)
 
 
+def _round_losses(make_denoiser, module, *, base, afs, max_order=4, lower_order_final=False):
+    """jitted (params, denoiser_params, points, sigmas) -> per-interval losses [N - 1] with the training's restart
+    rule and no update (to measure what a round did)."""
+    def losses(params, denoiser_params, points, sigmas):
+        denoiser = make_denoiser(denoiser_params)
+        x, history = points[0], A.init_history(base, points[0], max_order)
+        out = []
+        for n in range(points.shape[0] - 1):
+            loss, (x_next, history) = T.interval_loss(params, module, denoiser, x, history, n, sigmas[n],
+                                                      sigmas[n + 1], points[n + 1], base=base, afs=afs,
+                                                      lower_order_final=lower_order_final,
+                                                      num_intervals=points.shape[0] - 1)
+            x = x_next if base in A.MULTISTEP_BASES else points[n + 1]
+            out.append(loss)
+        return jnp.stack(out)
+
+    return jax.jit(losses)
+
+
 @pytest.mark.parametrize('base, teacher, extra_points, schedule', [(None, 'heun', 1, 'time_uniform'),
                                                                    ('ipndm', 'ipndm', 2, 'edm')])
 def test_one_training_round_lowers_the_teacher_matching_loss(base, teacher, extra_points, schedule):
@@ -270,7 +291,7 @@ def test_one_training_round_lowers_the_teacher_matching_loss(base, teacher, extr
     trained, _, _ = T.train_round(step, params, optimizer.init(params), (), points, sigmas, base=base)
     jax.tree.map(np.testing.assert_array_equal, trained, new_params)                 # train_round = the loop above
     if base is None:
-        round_losses = T.make_round_losses(make, module, base=base, afs=True)
+        round_losses = _round_losses(make, module, base=base, afs=True)
         before = np.asarray(round_losses(params, (), points, sigmas))
         after = np.asarray(round_losses(new_params, (), points, sigmas))
         assert after.sum() < before.sum()
@@ -280,11 +301,13 @@ def test_predictor_checkpoint_round_trip_and_mismatch_errors(tmp_path):
     gmm, module = _mixture(), AMEDPredictor(eps_c=0.02)
     sigmas, _ = T.grids(schedule='edm', num_points=4, sigma_min=0.002, sigma_max=80.0)
     params = T.init_params(module, sigmas, seed=4)
-    settings = T.make_settings(module, model={'analytic': 'mixture K=3 4x4x3'}, schedule='edm', num_points=4,
-                               sigma_min=0.002, sigma_max=80.0, rho=7.0, afs=True, base='ipndm', max_order=4,
-                               teacher='ipndm', extra_points=2, num_trajectories=128, batch_size=64, lr=5e-3, seed=4)
+    settings = T.describe(T.Settings(schedule='edm', num_points=4, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                                     afs=True, base='ipndm', max_order=4, teacher='ipndm', extra_points=2,
+                                     num_trajectories=128, batch_size=64, lr=5e-3, seed=4),
+                          module, model={'analytic': 'mixture K=3 4x4x3'})
     T.save_predictor(str(tmp_path), params, settings)
-    sampler, loaded_sigmas, loaded = T.load_sampler(str(tmp_path), nfe=5, model={'analytic': 'mixture K=3 4x4x3'})
+    sampler, loaded_sigmas = T.load_sampler(str(tmp_path), nfe=5, model={'analytic': 'mixture K=3 4x4x3'})
+    _, _, loaded = T.load_predictor(str(tmp_path))
     assert loaded == settings and loaded['nfe'] == 5
     np.testing.assert_array_equal(np.asarray(loaded_sigmas), np.asarray(sigmas))
     x_T = _x_T(80.0)
@@ -298,6 +321,50 @@ def test_predictor_checkpoint_round_trip_and_mismatch_errors(tmp_path):
         T.load_sampler(str(tmp_path), model={'analytic': 'another'})
     with pytest.raises(UserError, match='no AMED predictor'):
         T.load_sampler(str(tmp_path / 'missing'))
+
+
+def test_predictor_training_in_a_workdir_resumes_bit_identically(tmp_path):
+    """train_predictor with a workdir runs on drivers/loop.py: a run stopped after 2 of 4 rounds (its checkpoint
+    saved) and continued gives the parameters of 4 uninterrupted rounds, and the workdir samples (load_sampler)."""
+    gmm, module = _mixture(), AMEDPredictor()
+    make = lambda params: gmm.denoiser
+    fields = dict(schedule='edm', schedule_options={}, num_points=4, base='ipndm', teacher='ipndm', extra_points=2,
+                  batch_size=16, seed=2, log_every_rounds=0, checkpoint_every_rounds=3)
+    model = {'analytic': 'mixture K=3 4x4x3'}
+    straight, history = T.train_predictor(make, (), module, T.Settings(num_trajectories=64, **fields),
+                                          sample_shape=SHAPE, workdir=str(tmp_path / 'a'), model=model)
+    assert len(history) == 4 and sorted(os.listdir(tmp_path / 'a' / 'checkpoints')) == ['3', '4']
+    T.train_predictor(make, (), module, T.Settings(num_trajectories=32, **fields), sample_shape=SHAPE,
+                      workdir=str(tmp_path / 'b'), model=model)
+    resumed, rest = T.train_predictor(make, (), module, T.Settings(num_trajectories=64, **fields),
+                                      sample_shape=SHAPE, workdir=str(tmp_path / 'b'), model=model)
+    assert len(rest) == 2
+    np.testing.assert_array_equal(rest, history[2:])
+    jax.tree.map(np.testing.assert_array_equal, resumed, straight)
+    in_memory, _ = T.train_predictor(make, (), module, T.Settings(num_trajectories=64, **fields), sample_shape=SHAPE)
+    jax.tree.map(np.testing.assert_array_equal, in_memory, straight)
+    sampler, sigmas = T.load_sampler(str(tmp_path / 'b'), model=model)
+    ref, _ = samplers.get('amed', predictor=(module, straight), base='ipndm', afs=True)(gmm.denoiser, _x_T(80.0),
+                                                                                       sigmas)
+    np.testing.assert_array_equal(np.asarray(sampler(gmm.denoiser, _x_T(80.0), sigmas)[0]), np.asarray(ref))
+
+
+def test_amed_settings_are_one_dataclass_checked_like_every_config_section():
+    config = config_files.named('digits_amed')
+    settings = T.settings_of(config)
+    assert settings.num_points == config.amed.num_points and settings.schedule_options == {'epsilon_s': 1e-3}
+    assert settings.num_rounds == config.amed.num_trajectories // config.amed.batch_size
+    for field, value, message in (('teacher', 'rk4', r"config\.amed\.teacher='rk4'; valid choices: heun"),
+                                  ('base', 'heun', r"config\.amed\.base='heun'; valid choices: None, euler"),
+                                  ('num_points', 1, r'config\.amed\.num_points=1 must be an integer >= 2'),
+                                  ('lr', 0.0, r'config\.amed\.lr=0\.0 must be > 0')):
+        bad = config_files.named('digits_amed', **{f'amed.{field}': value})
+        with pytest.raises(UserError, match=message):
+            T.settings_of(bad)
+    with config.unlocked():
+        config.amed.nsteps = 3
+    with pytest.raises(UserError, match='config.amed has no field nsteps; valid fields: '):
+        T.settings_of(config)
 
 
 def test_options_are_checked():

@@ -12,7 +12,7 @@ import pytest
 from scipy.optimize import linear_sum_assignment
 
 from jaxdiff.core import aot, losses
-from jaxdiff.drivers import checkpoint, generate, train_step
+from jaxdiff.drivers import checkpoint, sampling, trained as trained_lib, train_step
 from jaxdiff import data
 from jaxdiff.drivers.config_files import named as load_config   # configs/NAME.py with dotted overrides
 from jaxdiff.core.errors import UserError
@@ -282,9 +282,17 @@ def test_stf_target_and_aot_pairing_compose():
                                                         ('cifar_aot', 35, 7.0, 18)])
 def test_sampling_presets_are_the_authors_grids(name, nfe, rho, num_steps):
     config = load_config(name)
-    sampler, sigmas = generate.sampler_from_config(config.sampling)
+    sampler, sigmas = sampling.sampler_and_grid(config.sampling)
     assert config.sampling.sampler == 'heun' and sampler.nfe(len(sigmas)) == nfe
     i = np.arange(num_steps)
     expected = (80.0 ** (1 / rho) + i / (num_steps - 1) * (0.002 ** (1 / rho) - 80.0 ** (1 / rho))) ** rho
     np.testing.assert_allclose(np.asarray(sigmas)[:num_steps], expected, rtol=1e-5)    # EDM eq. 5
     assert float(sigmas[-1]) == 0.0
+
+
+def test_scipy_pairing_inside_the_step_is_refused_where_the_placement_cannot_run_host_callbacks():
+    loss = losses.build(pairing='aot', pool_size=16, coupling_method='exact', coupling_solver='scipy')
+    loss.check(batch_size=16, num_devices=8, parallelism='jit', host_callbacks_in_step=True)
+    with pytest.raises(UserError, match=r"coupling_solver='scipy' pairs inside the training step") as error:
+        loss.check(batch_size=16, num_devices=8, parallelism='jit', host_callbacks_in_step=False)
+    assert '\n' not in str(error.value)

@@ -33,6 +33,41 @@ def test_bad_config_is_a_one_line_error(tmp_path, override, fragments):
     assert_one_line_error(result, *fragments)
 
 
+def test_unknown_config_field_is_a_one_line_error_listing_the_valid_ones(tmp_path):
+    result = run_main('--config=configs/toy2d_edm.py', f'--workdir={tmp_path}', '--mode=sample',
+                      '--config.sampling.num_steps=10')
+    assert_one_line_error(result, 'unknown config field sampling.num_steps; valid fields of config.sampling: ',
+                          'schedule_options')
+
+
+def test_overrides_are_parsed_in_one_place():
+    """jaxdiff.drivers.overrides: every --config.PATH comes off argv; closed fields get absl's types, open option
+    dicts take any key; unknown fields and bad values are UserErrors naming them."""
+    from jaxdiff.core.errors import UserError
+    from jaxdiff.drivers import config_files, overrides
+    config = config_files.named('toy2d_edm')
+    config.lock()
+    argv, found = overrides.split(['jaxdiff', '--config=configs/toy2d_edm.py', '--config.training.lr=-0.001',
+                                   '--config.data.shape=(2,)', '--workdir=w', '--config.distributed.initialize',
+                                   '--config.training.batch_size', '8', '--config.sampling.sampler_options.eta=1.0',
+                                   '--config.sampling.schedule_options.rho=3', '--config.sampling.sampler=ddim',
+                                   '--config.sampling.guidance.name=discriminator'])
+    assert argv == ['jaxdiff', '--config=configs/toy2d_edm.py', '--workdir=w']
+    overrides.apply(config, found)
+    assert config.training.lr == -0.001 and tuple(config.data.shape) == (2,) and config.distributed.initialize
+    assert config.training.batch_size == 8 and config.sampling.sampler == 'ddim'
+    assert dict(config.sampling.sampler_options) == {'eta': 1.0} and config.sampling.schedule_options.rho == 3
+    assert config.sampling.schedule_options.num_steps == 18 and dict(config.sampling.guidance) == {
+        'name': 'discriminator'}
+    for args, message in [(['--config.sampling.num_steps=10'], 'unknown config field sampling.num_steps; valid '
+                                                                'fields of config.sampling: batch_size, '),
+                          (['--config.trainig.lr=1'], 'valid fields of config: augment, data'),
+                          (['--config.training.batch_size=abc'], 'flag --config.training.batch_size=abc: '),
+                          (['--config.sampling.sampler_options.a.b=1'], 'single names')]:
+        with pytest.raises(UserError, match=message):
+            overrides.apply(config, overrides.split(['jaxdiff', *args])[1])
+
+
 def test_sample_without_checkpoint_is_a_one_line_error_naming_the_path(tmp_path):
     result = run_main('--config=configs/toy2d_edm.py', f'--workdir={tmp_path}', '--mode=sample')
     assert_one_line_error(result, str(tmp_path / 'checkpoints'))

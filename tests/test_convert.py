@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
+from conftest import state_dict_from_variables
 from jaxdiff.core import losses
 from jaxdiff import models
 from jaxdiff.convert import edm
@@ -97,7 +98,7 @@ def test_state_dict_round_trip_and_same_output(arch, label_dim):
     fields = small_fields(arch, label_dim)
     model = edm.build_model(fields)
     variables = random_variables(model)
-    state_dict = edm.state_dict_from_variables(variables, model)
+    state_dict = state_dict_from_variables(variables, model)
     assert set(state_dict) == set(edm.edm_shapes(model))
     assert {k: v.shape for k, v in state_dict.items()} == edm.edm_shapes(model)
     # The architecture comes back from names and shapes alone.
@@ -115,7 +116,7 @@ def test_state_dict_round_trip_and_same_output(arch, label_dim):
 def test_layout_transforms_are_edm_layouts():
     model = edm.build_model(small_fields('ddpmpp', 0))
     variables = random_variables(model)
-    sd = edm.state_dict_from_variables(variables, model)
+    sd = state_dict_from_variables(variables, model)
     kernel = np.asarray(variables['params']['enc_16x16_block0']['conv0']['kernel'])       # HWIO
     np.testing.assert_array_equal(sd['model.enc.16x16_block0.conv0.weight'][5, 2, 0, 1], kernel[0, 1, 2, 5])
     dense = np.asarray(variables['params']['map_layer0']['kernel'])                       # [in, out]
@@ -131,7 +132,7 @@ def test_npz_state_dict_loads_without_torch(tmp_path):
     path = tmp_path / 'songunet.npz'
     # The SongUNet's own state dict (no 'model.' prefix) and without the resampling buffers: the filter then
     # comes from EDM's preset for the embedding, (1, 1) for DDPM++.
-    np.savez(path, **{k: v for k, v in edm.state_dict_from_variables(variables, model, prefix='').items()
+    np.savez(path, **{k: v for k, v in state_dict_from_variables(variables, model, prefix='').items()
                       if not k.endswith('resample_filter')})
     network = edm.load(path, precond='vp', overrides={'dropout': 0.13})
     assert network.data_shape == (16, 16, 3)
@@ -139,7 +140,7 @@ def test_npz_state_dict_loads_without_torch(tmp_path):
     assert network.model_fields['dropout'] == 0.13
     assert network.loss == dict(parameterization='vp', target='x0', pairing='independent', beta_d=19.9,
                                 beta_min=0.1, M=1000, epsilon_t=1e-5)
-    losses.PARAMETERIZATIONS[network.loss['parameterization']](
+    losses.factory('parameterization', network.loss['parameterization'])(
         **{k: v for k, v in network.loss.items() if k not in ('parameterization', 'target', 'pairing')})
     fields_out = dict(network.model_fields)
     rebuilt = models.build(fields_out.pop('name'), img_resolution=16, in_channels=3, out_channels=3, **fields_out)
@@ -150,7 +151,7 @@ def test_npz_state_dict_loads_without_torch(tmp_path):
 
 def test_errors_name_the_problem(tmp_path):
     model = edm.build_model(small_fields('ddpmpp', 0))
-    sd = edm.state_dict_from_variables(random_variables(model), model)
+    sd = state_dict_from_variables(random_variables(model), model)
     broken = dict(sd)
     del broken['model.enc.16x16_block0.conv1.weight']
     with pytest.raises(UserError, match=r'missing, e.g. model.enc.16x16_block0.conv1.weight'):
@@ -176,7 +177,7 @@ def test_torch_saved_state_dict(tmp_path):
     variables = random_variables(model)
     path = tmp_path / 'state.pt'
     torch.save({k: torch.from_numpy(np.array(v)) for k, v in
-                edm.state_dict_from_variables(variables, model).items()}, path)
+                state_dict_from_variables(variables, model).items()}, path)
     network = edm.load(path, precond='ve', precond_constants={'sigma_max': 80.0})
     assert network.loss == dict(parameterization='ve', target='x0', pairing='independent', sigma_min=0.02,
                                 sigma_max=80.0)
@@ -281,7 +282,7 @@ def test_edm_pickle_without_edm_code(tmp_path, arch):
                        model_channels=16, channel_mult=[1, 2], resample_filter=list(fields['resample_filter']))
     attributes = dict(img_resolution=16, img_channels=3, label_dim=10, use_fp16=False, beta_d=19.9,
                       beta_min=np.float64(0.1), M=1000, epsilon_t=1e-5, sigma_min=0.0064, sigma_max=152.6)
-    path = edm_like_pickle(torch, tmp_path, edm.state_dict_from_variables(variables, model), 'VPPrecond',
+    path = edm_like_pickle(torch, tmp_path, state_dict_from_variables(variables, model), 'VPPrecond',
                            attributes, init_kwargs)
     assert 'torch_utils' not in sys.modules
     network = edm.load(path)

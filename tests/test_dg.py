@@ -15,8 +15,9 @@ import optax
 import pytest
 from jax.scipy.special import logsumexp
 
-from jaxdiff.core import analytic, guidance
-from jaxdiff.drivers import config_files, discriminator_training as dt, generate, mesh as mesh_lib
+from jaxdiff.core import analytic, discriminator as discriminator_math, guidance
+from jaxdiff.drivers import config_files, discriminator_guidance, discriminator_training as dt, mesh as mesh_lib
+from jaxdiff.drivers import sampling, trained as trained_lib
 from jaxdiff import data
 from jaxdiff import models
 from jaxdiff.core import precond
@@ -30,7 +31,7 @@ from test_cli import run_main
 def test_vp_importance_sigma_draws_t_with_density_beta_over_sigma_vp_squared():
     """t = sigma^-1(sigma) of the draws has the CDF of p(t) ~ beta(t) / (1 - exp(-B(t))) on [1e-5, 1], integrated
     numerically (the authors' importance density, written from its definition)."""
-    sigma = np.asarray(dt.vp_importance_sigma(jax.random.key(0), (200_000,)), np.float64)
+    sigma = np.asarray(discriminator_math.vp_importance_sigma(jax.random.key(0), (200_000,)), np.float64)
     t = np.sort(precond.vp_t_of_sigma(sigma))
     grid = np.geomspace(1e-5, 1.0, 100_001)
     density = (0.1 + 19.9 * grid) / -np.expm1(-(0.1 * grid + 19.9 * grid ** 2 / 2))
@@ -73,8 +74,8 @@ def test_aot_noise_is_the_optimal_assignment_of_each_half():
              'generated': jnp.asarray(rng.normal(size=(half, d)) + 2.0, jnp.float32),
              'real_label': jnp.zeros(half, jnp.int32), 'generated_label': jnp.zeros(half, jnp.int32)}
     sigma_fn = lambda key, shape: jnp.full(shape, 0.7)
-    x, sigma, target, _ = dt.perturb(jax.random.key(2), batch, sigma_fn=sigma_fn, pairing='aot',
-                                     coupling_options=dict(method='exact'))
+    x, sigma, target, _ = discriminator_math.perturb(jax.random.key(2), batch, sigma_fn=sigma_fn, pairing='aot',
+                                                     coupling_options=dict(method='exact'))
     np.testing.assert_array_equal(target, [1] * half + [0] * half)
     images = np.concatenate([batch['real'], batch['generated']])
     z = (np.asarray(x) - images) / 0.7
@@ -82,7 +83,7 @@ def test_aot_noise_is_the_optimal_assignment_of_each_half():
         cost = np.linalg.norm(images[rows][:, None] - z[rows][None], axis=-1)
         best = min(sum(cost[i, p[i]] for i in range(half)) for p in itertools.permutations(range(half)))
         np.testing.assert_allclose(np.trace(cost), best, rtol=1e-5)
-    x_independent = dt.perturb(jax.random.key(2), batch, sigma_fn=sigma_fn)[0]
+    x_independent = discriminator_math.perturb(jax.random.key(2), batch, sigma_fn=sigma_fn)[0]
     z_independent = (np.asarray(x_independent) - images) / 0.7
     assert np.linalg.norm(images - z, axis=-1).sum() < np.linalg.norm(images - z_independent, axis=-1).sum()
 
@@ -128,12 +129,12 @@ def test_discriminator_on_toy2d_beats_chance_and_follows_the_exact_log_ratio(tmp
     accuracy = json.loads(last)['heldout_accuracy']
 
     # the Bayes classifier (the exact log ratio) on fresh held-out pairs perturbed by the training distribution
-    trained = dt.restore(str(tmp_path), mesh_lib.make_mesh(jax.devices()[:1]))
-    logit_fn = trained.logit_fn(None)
+    trained = discriminator_guidance.restore(str(tmp_path), mesh_lib.make_mesh(jax.devices()[:1]))
+    logit_fn = trained.logit_fn(trained.params, None)
     keys = jax.random.split(jax.random.key(4), 4)
     n = 2048
     x0 = jnp.concatenate([real.mixture.sample(keys[0], n), wrong.sample(keys[1], n)])
-    sigma = dt.vp_importance_sigma(keys[2], (2 * n,))
+    sigma = discriminator_math.vp_importance_sigma(keys[2], (2 * n,))
     x = x0 + sigma[:, None] * jax.random.normal(keys[3], x0.shape)
     target = np.r_[np.ones(n), np.zeros(n)]
     exact = _log_density(real.mixture, x, sigma) - _log_density(wrong, x, sigma)
@@ -202,7 +203,7 @@ def test_eight_devices_equal_one_with_frozen_features_and_ot_pairing(tmp_path):
     hidden layer through Denoiser.with_aux) and OT-paired noise (the host assignment inside the sharded step)."""
     model = models.build('mlp', hidden_dim=32, num_layers=1)
     frozen = {'params': {'model': models.init(model, (2,), jax.random.key(0))['params']}, 'model_state': {}}
-    denoiser_fn = generate.denoiser_fn_for(model, precond.edm)
+    denoiser_fn = trained_lib.denoiser_fn_for(model, precond.edm)
     config = ml_collections.ConfigDict()
     config.data = dict(name='eight_gaussians', shape=(2,))
     config.discriminator = dg_common.discriminator(
@@ -220,7 +221,8 @@ def test_eight_devices_equal_one_with_frozen_features_and_ot_pairing(tmp_path):
         assert len(jax.tree.leaves(state.params)[0].sharding.device_set) == len(devices)
         results.append(jax.device_get(state))
     eight, one = results
-    init = dt.Discriminator(dt._network(config.discriminator.network), 'bottleneck', 0).init(dt.root_keys(0)[0], (32,))
+    init = dt.Discriminator(dt._network(config.discriminator.network), 'bottleneck', 0).init(
+        discriminator_math.root_keys(0)[0], (32,))
     assert max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(init))) > 1e-4
     for a, b in zip(jax.tree.leaves(eight), jax.tree.leaves(one)):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
@@ -235,13 +237,13 @@ def test_head_reads_the_frozen_songunet_bottleneck_and_guides_the_image():
     x = jax.random.normal(jax.random.key(5), (2, 8, 8, 1))
     frozen = {'params': {'model': fast_jit(model.init)(jax.random.key(0), x, jnp.zeros(2))['params']},
               'model_state': {}}
-    denoiser_fn = generate.denoiser_fn_for(model, precond.edm)
+    denoiser_fn = trained_lib.denoiser_fn_for(model, precond.edm)
     discriminator = dt.Discriminator(dt._network(dict(name='head', model_channels=8, num_blocks=1, num_heads=1)),
                                      'bottleneck', 0, denoiser_fn)
     assert discriminator.input_shape(frozen, (8, 8, 1)) == (4, 4, 16)
     params = discriminator.init(jax.random.key(1), (4, 4, 16))
     params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params)
-    trained = dt.TrainedDiscriminator(discriminator, params, 0, {})
+    trained = discriminator_guidance.TrainedDiscriminator(discriminator, params, 0, {})
     sigma = jnp.array([0.5, 3.0])
 
     @fast_jit
@@ -268,29 +270,30 @@ def test_sample_mode_with_guidance_end_to_end_and_weight_zero_is_unguided(toy_mo
     sampled = run_main(*args, f'--workdir={toy_model}', '--mode=sample',
                        f'--config.sampling.guidance.discriminator_workdir={disc}')
     assert sampled.returncode == 0, sampled.stderr[-3000:]
-    assert '(heun, 35 NFE, 15 discriminator-gradient calls)' in sampled.stdout, sampled.stdout
+    assert '(heun_dg, 35 NFE, 35 network and 15 gradient evaluations)' in sampled.stdout, sampled.stdout
     with np.load(os.path.join(toy_model, 'samples.npz')) as f:
         guided_cli = f['samples']
 
     mesh = mesh_lib.make_mesh()
-    model = generate.restore(_config(toy_model), toy_model, mesh)
+    model = trained_lib.restore(_config(toy_model), toy_model, mesh)
 
     def samples(**guidance):
         config = _config(toy_model, **{f'sampling.guidance.{k}': v for k, v in guidance.items()})
-        generator = generate.Generator(config, model.denoiser_fn, mesh)
+        generator = sampling.generator(config, mesh, model.denoiser_fn)
         return generator(model.variables, 64), generator
 
     unguided, plain = samples()
     off, off_generator = samples(discriminator_workdir=disc, weight=0.0)
     guided, guided_generator = samples(discriminator_workdir=disc)
     np.testing.assert_array_equal(off, unguided)
-    assert plain.guidance_calls is None and off_generator.guidance_calls == 0
-    assert guided_generator.sampler.name == 'heun_dg' and guided_generator.guidance_calls == 15
+    assert plain.info == off_generator.info == dict(nfe=35, network_evaluations=35, gradient_evaluations=0)
+    assert guided_generator.sampler.name == 'heun_dg'
+    assert guided_generator.info == dict(nfe=35, network_evaluations=35, gradient_evaluations=15)
     np.testing.assert_allclose(guided, guided_cli, rtol=1e-5, atol=1e-5)
     assert float(np.abs(guided - unguided).max()) > 1e-3
     with pytest.raises(UserError, match='no trained discriminator'):
         samples(discriminator_workdir=str(tmp_path / 'none'))
     with pytest.raises(UserError, match='boosting=True needs sampler heun'):
-        generate.Generator(_config(toy_model, **{'sampling.guidance.discriminator_workdir': disc,
+        sampling.generator(_config(toy_model, **{'sampling.guidance.discriminator_workdir': disc,
                                                  'sampling.guidance.boosting': True,
-                                                 'sampling.sampler': 'dpmpp_2m'}), model.denoiser_fn, mesh)
+                                                 'sampling.sampler': 'dpmpp_2m'}), mesh, model.denoiser_fn)

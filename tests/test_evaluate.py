@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from flax import traverse_util
 
-from jaxdiff.drivers import checkpoint as checkpoint_lib, config_files, digits_metric, evaluation, fid, generate
+from jaxdiff.drivers import checkpoint as checkpoint_lib, config_files, digits_metric, evaluation, fid, sampling, trained as trained_lib
 from jaxdiff.core import losses
 from jaxdiff.drivers import mesh as mesh_lib, train_step
 from jaxdiff.core import schedules
@@ -26,6 +26,7 @@ from jaxdiff.data import digits as digits_data
 from jaxdiff.core.errors import UserError
 from jaxdiff.modes import import_edm
 from jaxdiff.drivers import edm_import
+from conftest import state_dict_from_variables
 from test_cli import ROOT, run_main
 
 TINY = {'model.model_channels': 8, 'sampling.batch_size': 4, 'sampling.schedule_options.num_steps': 2}
@@ -44,7 +45,7 @@ def random_like(tree, seed):
 
 def write_ema_workdir(config, workdir, seed=0):
     """A workdir whose checkpoint 0 holds only an 'ema' item of random weights for config's model."""
-    _, modules, _ = generate.networks_of(config)
+    _, modules, _ = trained_lib.networks_of(config)
     params, model_state = jax.eval_shape(
         lambda key: train_step.init_variables(modules, tuple(config.data.shape), key), jax.random.key(0))
     checkpoints = checkpoint_lib.Checkpoints(workdir)
@@ -103,8 +104,8 @@ def test_edm_protocol_runs_are_disjoint_seed_ranges_and_the_minimum_is_reported(
     result = evaluation.evaluate(config, str(tmp_path), mesh, feature_fn=quadrant_means, feature_id=['quadrants'],
                                  digits=digits16)
     # Ground truth: the Generator's samples of batches 2r, 2r + 1 (6 samples in batches of 4) for run r.
-    trained = generate.restore(config, str(tmp_path), mesh)
-    generator = generate.Generator(config, trained.denoiser_fn, mesh)
+    trained = trained_lib.restore(config, str(tmp_path), mesh)
+    generator = sampling.generator(config, mesh, trained.denoiser_fn)
     reference_features = quadrant_means(digits_data.Digits(shape=(16, 16, 1), split='train').images[:40])
     reference = fid.RunningStatistics().update(reference_features)
     runs = [generator(trained.variables, 6, first_batch=2 * r) for r in range(3)]
@@ -166,7 +167,7 @@ def test_import_edm_round_trip_then_sample(tmp_path):
     model = edm.build_model(DDPMPP_COND)
     variables = random_like(edm.variable_shapes(model), seed=3)
     state_dict = tmp_path / 'edm_state_dict.npz'            # EDM's names / layouts, 'model.' prefix, buffers
-    np.savez(state_dict, **edm.state_dict_from_variables(variables, model))
+    np.savez(state_dict, **state_dict_from_variables(variables, model))
     workdir = tmp_path / 'imported'
     imported = run_main('--config=configs/edm_import.py', f'--workdir={workdir}', '--mode=import_edm',
                         f'--config.edm_import.path={state_dict}', '--config.edm_import.precond=ve',
@@ -174,13 +175,13 @@ def test_import_edm_round_trip_then_sample(tmp_path):
     assert imported.returncode == 0, imported.stderr[-3000:]
     assert f'--config=configs/edm_import.py --workdir={workdir} --mode=sample' in imported.stdout
     # The EMA item is the network's variables, exactly, restored through the imported config.
-    config = config_files.load_module(os.path.join(ROOT, 'configs', 'edm_import.py')).get_config(str(workdir))
+    config = edm_import.resolve(config_files.named('edm_import'), str(workdir))
     assert config.loss.to_dict() == dict(parameterization='ve', target='x0', pairing='independent', sigma_min=0.02,
                                          sigma_max=50.0)
     assert tuple(config.data.shape) == (8, 8, 3) and config.model.label_dim == 10
     assert config.amed.model_workdir == str(workdir) and config.discriminator.model_workdir == str(workdir)
     mesh = mesh_lib.make_mesh()
-    trained = generate.restore(config, str(workdir), mesh)
+    trained = trained_lib.restore(config, str(workdir), mesh)
     restored = traverse_util.flatten_dict(trained.variables['params']['model'])
     original = traverse_util.flatten_dict(variables['params'])
     assert set(restored) == set(original) and trained.step == 0
@@ -204,7 +205,7 @@ def test_import_edm_round_trip_then_sample(tmp_path):
         config.sampling.schedule_options.num_steps = 3
     precond = losses.build(parameterization='ve', target='x0', pairing='independent', sigma_min=0.02,
                            sigma_max=50.0).parameterization.precond
-    generator = generate.Generator(config, generate.denoiser_fn_for(model, precond), mesh)
+    generator = sampling.generator(config, mesh, trained_lib.denoiser_fn_for(model, precond))
     expected = generator({'params': {'model': variables['params']}, 'model_state': {}}, 4)
     np.testing.assert_array_equal(labels, generator.labels)
     np.testing.assert_allclose(samples, expected, rtol=1e-5, atol=1e-5)
@@ -222,18 +223,17 @@ def test_import_edm_ncsnpp_keeps_its_fourier_frequencies(tmp_path):
         pytest.skip("jaxdiff's SongUNet keeps no Fourier-frequency variable yet")
     variables = random_like(shapes, seed=4)
     state_dict = tmp_path / 'ncsnpp.npz'
-    np.savez(state_dict, **edm.state_dict_from_variables(variables, model))
+    np.savez(state_dict, **state_dict_from_variables(variables, model))
     workdir = str(tmp_path / 'imported')
-    edm_import_config = config_files.load_module(os.path.join(ROOT, 'configs', 'edm_import.py'))
-    config = edm_import_config.get_config(workdir)
+    config = edm_import.resolve(config_files.named('edm_import'), workdir)
     with config.unlocked():
         config.edm_import.path, config.edm_import.precond = str(state_dict), 'vp'
     import_edm.run(config, workdir)
-    config = edm_import_config.get_config(workdir)
+    config = edm_import.resolve(config_files.named('edm_import'), workdir)
     assert config.model.name == 'ncsnpp' and config.loss.parameterization == 'vp' and config.loss.beta_d == 19.9
     # EDM's VP range: sigma(epsilon_t = 1e-5) ~ 0.001 < 0.002 and sigma(1) ~ 152 > 80: the grid stays 0.002..80
     assert (config.sampling.schedule_options.sigma_min, config.sampling.schedule_options.sigma_max) == (0.002, 80.0)
-    trained = generate.restore(config, workdir, mesh_lib.make_mesh())
+    trained = trained_lib.restore(config, workdir, mesh_lib.make_mesh())
     restored = traverse_util.flatten_dict({'params': trained.variables['params']['model'],
                                            **trained.variables['model_state']})
     original = traverse_util.flatten_dict(variables)

@@ -10,7 +10,7 @@ import pytest
 from test_cli import run_main
 from test_train import SignalAt
 
-from jaxdiff.drivers import checkpoint, generate, mesh as mesh_lib, train_step
+from jaxdiff.drivers import checkpoint, sampling, trained as trained_lib, mesh as mesh_lib, train_step
 from jaxdiff import data, models
 from jaxdiff.core import flow, losses
 from jaxdiff.drivers.config_files import named as load_config
@@ -149,7 +149,7 @@ def test_sigterm_and_resume_is_bit_identical_with_the_encoder(single_device_run,
     resumed = train.run(config, str(tmp_path), devices=devices)
     assert int(resumed.step) == STEPS
     assert leaves_equal(resumed, uninterrupted)
-    ema = generate.restore(config, str(tmp_path), mesh_lib.make_mesh(devices))        # sampling's view: EMA only
+    ema = trained_lib.restore(config, str(tmp_path), mesh_lib.make_mesh(devices))        # sampling's view: EMA only
     assert leaves_equal(ema.variables['params']['encoder'], uninterrupted.ema_params['encoder'])
 
 
@@ -244,14 +244,15 @@ def test_a_trained_toy_flow_samples_through_the_cli_with_every_sampler(tmp_path)
     with Heun and DPM-Solver++(2M) (no encoder: z ~ N(0, I)); those and, in-process, iPNDM and AMED (r = 1/2:
     DPM-Solver-2) land next to the flow's ODE solved in t with the raw velocity network from the same x_T, and
     GMM-DDIM's samples have the reference's two modes."""
-    sampling = {'sampling.num_samples': 256, 'sampling.batch_size': 256, 'sampling.schedule_options.num_steps': 12}
+    sampling_fields = {'sampling.num_samples': 256, 'sampling.batch_size': 256,
+                       'sampling.schedule_options.num_steps': 12}
     config = load_config('toy2d_fastode', **{'training.total_images': 2000 * 512, 'training.log_every_steps': 1000,
                                              'training.checkpoint_every_steps': 2000,
-                                             'training.sample_every_steps': 0, **sampling})
+                                             'training.sample_every_steps': 0, **sampling_fields})
     train.run(config, str(tmp_path), devices=jax.devices()[:1])
     args = ['--config=configs/toy2d_fastode.py', f'--workdir={tmp_path}', '--mode=sample',
-            *(f'--config.{field}={value}' for field, value in sampling.items())]
-    restored = generate.restore(config, str(tmp_path), mesh_lib.make_mesh(jax.devices()[:1]))
+            *(f'--config.{field}={value}' for field, value in sampling_fields.items())]
+    restored = trained_lib.restore(config, str(tmp_path), mesh_lib.make_mesh(jax.devices()[:1]))
     assert restored.step == 2000
     model, params = restored.model, restored.variables['params']['model']
     velocity = jax.jit(lambda x_t, t: model.apply({'params': params}, x_t, t))
@@ -278,7 +279,7 @@ def test_a_trained_toy_flow_samples_through_the_cli_with_every_sampler(tmp_path)
     assert abs(reference[:, 1].mean() - 8.0) < 1.0 and np.abs(reference[:, 0]).mean() > 5.0   # the two modes
     for sampler in ('euler', 'ipndm', 'amed', 'gmm_ddim'):
         config.sampling.sampler = sampler
-        generator = generate.Generator(config, restored.denoiser_fn, mesh_lib.make_mesh(jax.devices()[:1]))
+        generator = sampling.generator(config, mesh_lib.make_mesh(jax.devices()[:1]), restored.denoiser_fn)
         samples = generator(restored.variables, 256)
         errors[sampler] = error(samples, generator.sigmas)
     del errors['gmm_ddim']         # its random mixture offsets (norm ~1) move samples, some across the modes

@@ -1,6 +1,8 @@
 """What a user's run does when something goes wrong, through the real command (`python -m jaxdiff.main`): a corrupt
 newest checkpoint is skipped (never deleted), a changed model, bad config values, a missing config file and a second
-process in the same workdir are each one `error:` line with exit code 2 and no traceback."""
+process in the same workdir are each one `error:` line with exit code 2 and no traceback. The discriminator trainer
+runs on the same loop (drivers/loop.py): SIGTERM saves and stops, a resumed run is bit-identical, a corrupt newest
+checkpoint is set aside for the one before."""
 import glob
 import os
 import signal
@@ -8,10 +10,16 @@ import subprocess
 import sys
 import time
 
+import jax
+import ml_collections
 import numpy as np
 import pytest
 
+from configs import dg_common
+from jaxdiff import data
+from jaxdiff.drivers import checkpoint, discriminator_training as dt, mesh as mesh_lib
 from test_cli import ROOT, assert_one_line_error, run_main
+from test_train import SignalAt, leaves_equal
 
 TINY = ['--config=configs/toy2d_edm.py', '--config.training.batch_size=64', '--config.model.hidden_dim=16',
         '--config.model.num_layers=1', '--config.training.log_every_steps=4', '--config.training.sample_every_steps=0',
@@ -77,7 +85,7 @@ def test_resuming_with_a_changed_model_names_the_array_and_the_field(trained):
 
 
 @pytest.mark.parametrize('override, fragment', [
-    ('--config.training.batch_size=0', 'config.training.batch_size=0 must be >= 1'),
+    ('--config.training.batch_size=0', 'config.training.batch_size=0 must be an integer >= 1'),
     ('--config.training.lr=-0.001', 'config.training.lr=-0.001 must be > 0'),
     ('--config.augment.p=1.5', 'config.augment.p=1.5'),
 ])
@@ -111,3 +119,51 @@ def test_a_second_process_in_the_same_workdir_refuses_and_a_stale_lock_is_taken_
         long_run.wait(timeout=60)
     taken_over = run_main(*TINY, f'--workdir={tmp_path}', steps(4))   # the lock file stays; its holder is gone
     assert taken_over.returncode == 0, taken_over.stderr[-3000:]
+
+
+# ---------------------------------------------------------------- the discriminator trainer
+
+def train_discriminator(workdir, num_steps, source=None):
+    """A small MLP discriminator on eight_gaussians vs a wider Gaussian, checkpoints every 2 steps (keeps 2)."""
+    config = ml_collections.ConfigDict()
+    config.data = dict(name='eight_gaussians', shape=(2,))
+    config.discriminator = dg_common.discriminator(
+        model_workdir=None, network=dict(name='mlp', hidden_dim=16, num_layers=1, embedding_dim=8),
+        num_generated=256, num_heldout=32, batch_size=32, num_steps=num_steps, log_every_steps=2,
+        eval_every_steps=4, checkpoint_every_steps=2, keep_checkpoints=2)
+    real = data.build(config.data)
+    generated = 1.5 * np.asarray(jax.random.normal(jax.random.key(1), (288, 2)))
+    rows = lambda points: {'image': points, 'label': np.zeros(len(points), np.int32)}
+    heldout = {'real': dt.heldout_real(config.data, real, 32), 'generated': rows(generated[256:])}
+    return dt.train(config, str(workdir), real_source=real if source is None else source, heldout=heldout,
+                    generated=rows(generated[:256]), mesh=mesh_lib.make_mesh(jax.devices()[:1]))
+
+
+@pytest.fixture(scope='module')
+def discriminator_8_steps(tmp_path_factory):
+    return jax.device_get(train_discriminator(tmp_path_factory.mktemp('discriminator'), 8))
+
+
+def test_discriminator_sigterm_saves_and_the_resumed_run_is_bit_identical(tmp_path, discriminator_8_steps):
+    source = SignalAt(data.build(dict(name='eight_gaussians')), step=3)
+    interrupted = train_discriminator(tmp_path, 8, source=source)
+    stopped_at = int(interrupted.step)
+    assert 1 <= stopped_at < 8
+    assert checkpoint.Checkpoints(tmp_path).latest_step() == stopped_at   # saved on SIGTERM
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL             # the handler is removed after training
+    resumed = train_discriminator(tmp_path, 8)
+    assert int(resumed.step) == 8
+    assert leaves_equal(resumed, discriminator_8_steps)
+
+
+def test_discriminator_corrupt_newest_checkpoint_is_set_aside_and_resumed_from_the_one_before(
+        tmp_path, capsys, discriminator_8_steps):
+    train_discriminator(tmp_path, 6)                     # checkpoints 4 and 6 kept
+    truncate_array_files(str(tmp_path / 'checkpoints' / '6'))
+    resumed = train_discriminator(tmp_path, 8)
+    out, err = capsys.readouterr()
+    assert f'resuming from {tmp_path / "checkpoints"}/4' in out
+    skipped = [line for line in err.splitlines() if line.startswith('skipping checkpoint')]
+    assert len(skipped) == 1 and str(tmp_path / 'checkpoints' / '6') in skipped[0], err
+    assert glob.glob(str(tmp_path / 'unreadable_checkpoints' / '6*')), 'the unreadable checkpoint must be kept'
+    assert int(resumed.step) == 8 and leaves_equal(resumed, discriminator_8_steps)

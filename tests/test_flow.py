@@ -16,6 +16,39 @@ from jaxdiff.models.encoder import MLPEncoder, TanhMLP, UNetEncoder
 fast_jit = functools.partial(jax.jit, compiler_options={'xla_backend_optimization_level': 0})
 
 
+def fastode_loss(velocity_fn, encoder_fn, x, key, beta=20.0, t_min=1e-5, prior_var=1.0):
+    """The Fast-ODE objective (Sec. 3) written out from flow's pieces, on clean data x [B, ...]: (loss, metrics).
+
+        z = mu + exp(logvar / 2) eps with (mu, logvar) = encoder_fn(x)     (encoder_fn=None: z ~ N(0, diag prior_var),
+                                                                            the independent rectified-flow baseline)
+        loss_flow  = mean((velocity_fn(x_t, t) - (z - x))^2),  x_t = t z + (1 - t) x,  t ~ U(t_min, 1)
+        loss_prior = mean_B KL(q(z | x) || N(0, diag prior_var)) / dim
+        loss = loss_flow + beta * loss_prior
+    """
+    t_key, eps_key = jax.random.split(key)
+    eps = jax.random.normal(eps_key, x.shape, x.dtype)
+    if encoder_fn is None:
+        z = jnp.sqrt(jnp.asarray(prior_var, x.dtype)) * eps
+        loss_prior = jnp.zeros((), x.dtype)
+    else:
+        mu, logvar = encoder_fn(x)
+        if mu.shape != x.shape or logvar.shape != x.shape:
+            raise ValueError(f'fastode_loss: encoder_fn must return mu and logvar shaped like x {x.shape}, got '
+                             f'{mu.shape} and {logvar.shape}')
+        z = flow.reparameterize(mu, logvar, eps)
+        loss_prior = flow.prior_loss(mu, logvar, prior_var)
+    t = flow.sample_t(t_key, x.shape[:1], t_min, x.dtype)
+    v = velocity_fn(flow.interpolate(x, z, t), t)
+    loss_flow = jnp.mean((v - flow.velocity_target(x, z)) ** 2)
+    loss = loss_flow + beta * loss_prior
+    return loss, {'loss': loss, 'loss_flow': loss_flow, 'loss_prior': loss_prior}
+
+
+def time_uniform_sigmas(num_steps, t_max=0.999, dtype=jnp.float32):
+    """A sigma grid whose flow times t = linspace(t_max, 0, num_steps + 1) are uniform, ending at sigma = 0."""
+    return flow.sigma_of_t(jnp.linspace(t_max, 0.0, num_steps + 1, dtype=dtype))
+
+
 class FlowMixture:
     """Exact E[z - x0 | x_t] of x0 ~ sum_k w_k N(mu_k, s_k^2 I), z ~ N(0, I), x_t = t z + (1 - t) x0, in t-space:
     x_t | k ~ N((1 - t) mu_k, V_k I), V_k = (1 - t)^2 s_k^2 + t^2; Cov(x0, x_t | k) = (1 - t) s_k^2 I and
@@ -50,7 +83,7 @@ def test_denoiser_from_velocity_of_the_exact_flow_velocity_is_the_exact_mixture_
         D = flow.denoiser_from_velocity(FlowMixture(means, stds, weights).velocity)
         gmm = analytic.GaussianMixture(means, stds, weights)
         for sigma in (0.02, 0.5, 3.0, 80.0):
-            x = jax.random.normal(jax.random.PRNGKey(0), (6, 2, 2, 3), jnp.float64) * (1 + sigma)
+            x = jax.random.normal(jax.random.key(0), (6, 2, 2, 3), jnp.float64) * (1 + sigma)
             want = gmm.denoiser(x, sigma)
             for s in (sigma, jnp.full((6,), sigma)):                          # scalar or [B]
                 np.testing.assert_allclose(D(x, s), want, rtol=1e-10, atol=1e-10 * sigma)
@@ -58,7 +91,7 @@ def test_denoiser_from_velocity_of_the_exact_flow_velocity_is_the_exact_mixture_
 
 def test_precond_and_weight_express_the_same_flow():
     with jax.enable_x64(True):
-        key = jax.random.PRNGKey(1)
+        key = jax.random.key(1)
         A = jax.random.normal(key, (3, 3), jnp.float64)
         velocity = lambda x_t, t: jnp.tanh(x_t @ A) * (1 + t[:, None])           # any velocity network
         x0 = jax.random.normal(jax.random.fold_in(key, 1), (5, 3), jnp.float64)
@@ -97,8 +130,8 @@ def test_euler_in_sigma_is_the_authors_euler_in_t():
     with jax.enable_x64(True):
         v = FlowMixture(*_mixture(jnp.float64)).velocity
         num_steps, t_max = 6, 0.999
-        sigmas = flow.time_uniform_sigmas(num_steps, t_max, jnp.float64)
-        z = jax.random.normal(jax.random.PRNGKey(2), (5, 2, 2, 3), jnp.float64)
+        sigmas = time_uniform_sigmas(num_steps, t_max, jnp.float64)
+        z = jax.random.normal(jax.random.key(2), (5, 2, 2, 3), jnp.float64)
         _, info = samplers.get('euler')(flow.denoiser_from_velocity(v), sigmas[0] * z, sigmas, return_trajectory=True)
         trajectory, times = flow.trajectory_in_time(info['trajectory'], sigmas)
         np.testing.assert_allclose(times, np.linspace(t_max, 0, num_steps + 1), rtol=1e-12, atol=1e-15)
@@ -114,8 +147,8 @@ def test_euler_trajectory_of_a_one_point_data_set_is_a_straight_line():
     with jax.enable_x64(True):
         mu = jnp.asarray(np.random.default_rng(4).normal(size=(1, 4)))
         point = FlowMixture(mu, jnp.zeros((1,)), jnp.ones((1,)))
-        sigmas = flow.time_uniform_sigmas(5, 0.999, jnp.float64)
-        z = jax.random.normal(jax.random.PRNGKey(3), (8, 4), jnp.float64)
+        sigmas = time_uniform_sigmas(5, 0.999, jnp.float64)
+        z = jax.random.normal(jax.random.key(3), (8, 4), jnp.float64)
         x0, info = samplers.get('euler')(flow.denoiser_from_velocity(point.velocity), sigmas[0] * z, sigmas,
                                          return_trajectory=True)
         trajectory, t = flow.trajectory_in_time(info['trajectory'], sigmas)
@@ -135,14 +168,14 @@ def test_euler_trajectory_of_a_one_point_data_set_is_a_straight_line():
 
 
 def test_sample_t_range():
-    t = flow.sample_t(jax.random.PRNGKey(0), (100_000,))
+    t = flow.sample_t(jax.random.key(0), (100_000,))
     assert float(t.min()) >= 1e-5 and float(t.max()) <= 1.0
     assert abs(float(t.mean()) - 0.5) < 5e-3
 
 
 @pytest.mark.parametrize('prior_var', [1.0, jnp.array([36.0, 1.0])])
 def test_gaussian_kl_matches_monte_carlo(prior_var):
-    key = jax.random.PRNGKey(5)
+    key = jax.random.key(5)
     mu = jax.random.normal(key, (3, 2))
     logvar = jax.random.normal(jax.random.fold_in(key, 1), (3, 2))
     n = 400_000
@@ -164,13 +197,13 @@ def test_fastode_loss_conventions():
     mu = jnp.array([[0.5, -1.0, 2.0]])
     x = jnp.broadcast_to(mu, (64, 3))
     velocity = lambda x_t, t: (x_t - mu) / t[:, None]
-    loss, m = flow.fastode_loss(velocity, None, x, jax.random.PRNGKey(0), beta=20.0)
+    loss, m = fastode_loss(velocity, None, x, jax.random.key(0), beta=20.0)
     assert float(m['loss_flow']) < 1e-9 and float(m['loss_prior']) == 0.0 and float(loss) == float(m['loss_flow'])
     # the velocity of the swapped convention (data at t = 1) is visibly wrong
     swapped = lambda x_t, t: (mu - x_t) / (1 - t[:, None])
-    assert float(flow.fastode_loss(swapped, None, x, jax.random.PRNGKey(0))[1]['loss_flow']) > 1.0
+    assert float(fastode_loss(swapped, None, x, jax.random.key(0))[1]['loss_flow']) > 1.0
     with pytest.raises(ValueError, match='encoder_fn'):
-        flow.fastode_loss(velocity, lambda x: (x[:, :2], x[:, :2]), x, jax.random.PRNGKey(0))
+        fastode_loss(velocity, lambda x: (x[:, :2], x[:, :2]), x, jax.random.key(0))
 
 
 def _toy_data(key, n):
@@ -181,12 +214,12 @@ def _toy_data(key, n):
 
 def _toy_nets(hidden=32, dtype=jnp.float32):
     encoder, velocity = MLPEncoder(hidden_dim=hidden, dtype=dtype), TanhMLP(hidden_dim=hidden, dtype=dtype)
-    x = _toy_data(jax.random.PRNGKey(0), 8).astype(dtype)
-    params = {'encoder': encoder.init(jax.random.PRNGKey(1), x)['params'],
-              'velocity': velocity.init(jax.random.PRNGKey(2), x, jnp.ones(8))['params']}
+    x = _toy_data(jax.random.key(0), 8).astype(dtype)
+    params = {'encoder': encoder.init(jax.random.key(1), x)['params'],
+              'velocity': velocity.init(jax.random.key(2), x, jnp.ones(8))['params']}
 
     def loss(params, x, key, beta):
-        return flow.fastode_loss(lambda x_t, t: velocity.apply({'params': params['velocity']}, x_t, t),
+        return fastode_loss(lambda x_t, t: velocity.apply({'params': params['velocity']}, x_t, t),
                                  lambda x: encoder.apply({'params': params['encoder']}, x), x, key, beta=beta)
     return encoder, params, loss
 
@@ -197,12 +230,12 @@ def test_a_very_large_beta_drives_q_to_the_prior():
 
     @jax.jit
     def step(params, state, i, beta):
-        key = jax.random.fold_in(jax.random.PRNGKey(3), i)
+        key = jax.random.fold_in(jax.random.key(3), i)
         grads, _ = jax.grad(loss, has_aux=True)(params, _toy_data(jax.random.fold_in(key, 1), 256), key, beta)
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state
 
-    held_out = _toy_data(jax.random.PRNGKey(9), 2048)
+    held_out = _toy_data(jax.random.key(9), 2048)
 
     def trained_kl(beta, steps=300):
         params, state = init, optimizer.init(init)
@@ -220,8 +253,8 @@ def test_the_encoder_gets_gradients_from_both_terms():
     with jax.enable_x64(True):
         encoder, params, loss = _toy_nets(hidden=8, dtype=jnp.float64)
         params = jax.tree_util.tree_map(lambda p: p.astype(jnp.float64), params)
-        x = _toy_data(jax.random.PRNGKey(4), 16).astype(jnp.float64)
-        key = jax.random.PRNGKey(5)
+        x = _toy_data(jax.random.key(4), 16).astype(jnp.float64)
+        key = jax.random.key(5)
         rng = np.random.default_rng(0)
         direction = jax.tree_util.tree_map(lambda p: jnp.asarray(rng.normal(size=p.shape)), params['encoder'])
         leaves = lambda tree: jnp.concatenate([l.ravel() for l in jax.tree_util.tree_leaves(tree)])
@@ -251,14 +284,14 @@ def test_the_encoder_gets_gradients_from_both_terms():
 def test_unet_encoder_parameter_count_and_start_at_the_prior():
     mnist = UNetEncoder(img_resolution=28, in_channels=1)
     mnist.validate()
-    shapes = jax.eval_shape(lambda x: mnist.init(jax.random.PRNGKey(0), x), jax.ShapeDtypeStruct((1, 28, 28, 1),
+    shapes = jax.eval_shape(lambda x: mnist.init(jax.random.key(0), x), jax.ShapeDtypeStruct((1, 28, 28, 1),
                                                                                                   jnp.float32))
     # the authors' mnist json gives 2.155201M for this UNet with one output channel; the encoder's second output
     # channel adds one 3x3 filter from 64 channels and a bias: 64 * 9 + 1
     assert count_params(shapes['params']) == 2_155_201 + 64 * 9 + 1
     small = UNetEncoder(img_resolution=8, in_channels=3, model_channels=8, channel_mult=(1, 2), num_blocks=1,
                         attn_resolutions=())
-    x = jax.random.normal(jax.random.PRNGKey(0), (2, 8, 8, 3))
+    x = jax.random.normal(jax.random.key(0), (2, 8, 8, 3))
     variables = fast_jit(small.init)(jax.random.key(1, impl='rbg'), x)      # rbg keys: a fast CPU compile
 
     @fast_jit
@@ -275,9 +308,9 @@ def test_unet_encoder_parameter_count_and_start_at_the_prior():
 def test_tanh_mlp_shapes():
     net = TanhMLP()
     x = jnp.ones((3, 2))
-    variables = net.init(jax.random.PRNGKey(0), x, jnp.ones(3))
+    variables = net.init(jax.random.key(0), x, jnp.ones(3))
     assert count_params(variables['params']) == (3 * 100 + 100) + (100 * 100 + 100) + (100 * 2 + 2)   # theirs
     out, state = net.apply(variables, x, jnp.full((3,), 0.5), mutable=['intermediates'])
     assert out.shape == (3, 2) and not state              # no bottleneck sown: AMED reads zeros (a 2-D MLP)
-    mu, logvar = MLPEncoder().apply(MLPEncoder().init(jax.random.PRNGKey(0), x), x)
+    mu, logvar = MLPEncoder().apply(MLPEncoder().init(jax.random.key(0), x), x)
     assert mu.shape == logvar.shape == (3, 2)

@@ -1,5 +1,6 @@
 """Discriminator guidance (jaxdiff.core.guidance) on exact ground truth: the exact log density ratio of two Gaussian
-mixtures, finite-difference gradients, transcriptions of the authors' EDM-G++ sampler, counted gradient calls."""
+mixtures, finite-difference gradients, transcriptions of the authors' EDM-G++ sampler ('heun_dg'), counted network
+and gradient evaluations (under jit, vmap and pmap)."""
 import math
 
 import jax
@@ -74,7 +75,7 @@ def test_the_exact_ratio_turns_the_wrong_model_into_the_data_model():
             sampler = samplers.get(name)
             np.testing.assert_allclose(sampler(guided, x_T, sigmas)[0], sampler(data.denoiser, x_T, sigmas)[0],
                                        rtol=1e-7, atol=1e-8)
-        both = guidance.guided_heun(first_evaluation_only=False)
+        both = samplers.get('heun_dg', first_evaluation_only=False)
         np.testing.assert_allclose(both(guided, x_T, sigmas)[0], samplers.get('heun')(data.denoiser, x_T, sigmas)[0],
                                    rtol=1e-7, atol=1e-8)
 
@@ -90,10 +91,10 @@ def test_weight_zero_is_the_unguided_sampler_exactly():
         np.testing.assert_array_equal(sampler(off, x_T, sigmas, key=key)[0],
                                       sampler(model.denoiser, x_T, sigmas, key=key)[0])
     for options in ({}, {'s_churn': 10.0, 's_min': 0.05, 's_max': 10.0, 's_noise': 1.007}):
-        ours = guidance.guided_heun(**options)
+        ours = samplers.get('heun_dg', **options)
         x0, info = ours(off, x_T, sigmas, key=key)
         np.testing.assert_array_equal(x0, ours(model.denoiser, x_T, sigmas, key=key)[0])
-        assert int(info['guidance_calls']) == 0
+        assert int(info['gradient_evaluations']) == 0
         reference, reference_info = samplers.get('heun', **options)(model.denoiser, x_T, sigmas, key=key)
         np.testing.assert_allclose(x0, reference, rtol=1e-6, atol=1e-6)
         assert info['nfe'] == reference_info['nfe'] == 11
@@ -151,11 +152,12 @@ def test_first_evaluation_only_is_the_authors_sampler():
         sigmas = schedules.get('edm', num_steps=7, sigma_min=0.002, sigma_max=20.0).astype(jnp.float64)
         x_T = _x(sigma=20.0)
         guided = guidance.discriminator_guided(model.denoiser, log_ratio, weight=2.0, sigma_min=0.045)
-        x0, info = guidance.guided_heun()(guided, x_T, sigmas)
+        x0, info = samplers.get('heun_dg')(guided, x_T, sigmas)
         want = _reference_heun(model, log_ratio, x_T, sigmas, 2.0, (0.045, np.inf))
         np.testing.assert_allclose(x0, want, rtol=1e-9, atol=1e-10)
         # different from guiding both evaluations, and from the unguided sampler
-        assert float(jnp.max(jnp.abs(x0 - guidance.guided_heun(first_evaluation_only=False)(guided, x_T, sigmas)[0]))) > 1e-3
+        both = samplers.get('heun_dg', first_evaluation_only=False)
+        assert float(jnp.max(jnp.abs(x0 - both(guided, x_T, sigmas)[0]))) > 1e-3
         assert float(jnp.max(jnp.abs(x0 - samplers.get('heun')(model.denoiser, x_T, sigmas)[0]))) > 1e-3
         assert info['nfe'] == 13
 
@@ -168,17 +170,17 @@ def test_boosting_is_the_authors_sampler(s_churn):
         x_T = _x(n=16, sigma=20.0)
         key = jax.random.PRNGKey(4)
         guided = guidance.discriminator_guided(model.denoiser, log_ratio, weight=1.0)
-        x0, _ = guidance.guided_heun(boosting=True, s_churn=s_churn)(guided, x_T, sigmas, key=key)
+        x0, _ = samplers.get('heun_dg', boosting=True, s_churn=s_churn)(guided, x_T, sigmas, key=key)
         want = _reference_heun(model, log_ratio, x_T, sigmas, 1.0, (0.0, np.inf), key=key, boosting=True,
                                s_churn=s_churn)
         np.testing.assert_allclose(x0, want, rtol=1e-8, atol=1e-9)
-        plain, _ = guidance.guided_heun(s_churn=s_churn)(guided, x_T, sigmas, key=key)
+        plain, _ = samplers.get('heun_dg', s_churn=s_churn)(guided, x_T, sigmas, key=key)
         assert float(jnp.max(jnp.abs(x0 - plain))) > 1e-3                 # boosting did something here
         with pytest.raises(ValueError, match='boosting'):
-            guidance.guided_heun(boosting=True)(model.denoiser, x_T, sigmas, key=key)
+            samplers.get('heun_dg', boosting=True)(model.denoiser, x_T, sigmas, key=key)
 
 
-def test_guidance_calls_are_counted_beside_nfe():
+def test_gradient_evaluations_are_counted_beside_nfe():
     _, model, log_ratio = _mixtures(jnp.float32)
     sigmas = schedules.get('edm', num_steps=6, sigma_min=0.002, sigma_max=20.0)
     s = np.asarray(sigmas)
@@ -188,21 +190,117 @@ def test_guidance_calls_are_counted_beside_nfe():
                                            sigma_max=window[1])
     x_T = _x(sigma=20.0, dtype=jnp.float32)
     first, second = s[:-1], s[1:-1]                              # Heun: first evaluations, second ones (t_next > 0)
-    x0, info = guidance.guided_heun()(guided, x_T, sigmas)
+    x0, info = samplers.get('heun_dg')(guided, x_T, sigmas)
     assert 0 < inside(first) < len(first) and 0 < inside(second)                 # a window that matters
-    assert int(info['guidance_calls']) == inside(first) and info['nfe'] == 11
-    _, info_both = guidance.guided_heun(first_evaluation_only=False)(guided, x_T, sigmas)
-    assert int(info_both['guidance_calls']) == inside(first) + inside(second)
-    # any sampler: the gradient evaluations that really ran
-    _, counted = guidance.count_guidance_calls(samplers.get('heun'), guided, x_T, sigmas)
-    assert counted['guidance_calls'] == inside(first) + inside(second) and counted['nfe'] == 11
-    _, counted = guidance.count_guidance_calls(samplers.get('dpmpp_2m'), guided, x_T, sigmas)
-    assert counted['guidance_calls'] == inside(first)
-    x0_counted, counted = guidance.count_guidance_calls(guidance.guided_heun(), guided, x_T, sigmas)
-    assert counted['guidance_calls'] == int(info['guidance_calls'])
-    np.testing.assert_array_equal(x0_counted, x0)
+    assert int(info['gradient_evaluations']) == inside(first) and info['nfe'] == 11
+    _, info_both = samplers.get('heun_dg', first_evaluation_only=False)(guided, x_T, sigmas)
+    assert int(info_both['gradient_evaluations']) == inside(first) + inside(second)
+    # any sampler: the gradient evaluations its denoiser declares, counted in the run
+    _, counted = samplers.get('heun')(guided, x_T, sigmas)
+    assert int(counted['gradient_evaluations']) == inside(first) + inside(second) and counted['nfe'] == 11
+    _, counted = samplers.get('dpmpp_2m')(guided, x_T, sigmas)
+    assert int(counted['gradient_evaluations']) == inside(first)
+    # the counters are the evaluations that really ran: a logit_fn that counts its own eager calls agrees
+    calls = {'n': 0}
+
+    def counting_log_ratio(x, sigma):
+        calls['n'] += 1
+        return log_ratio(x, sigma)
+
+    counting = guidance.discriminator_guided(model.denoiser, counting_log_ratio, weight=1.0, sigma_min=window[0],
+                                             sigma_max=window[1])
+    with jax.disable_jit():
+        x0_counted, counted = samplers.get('heun_dg')(counting, x_T, sigmas)
+    assert calls['n'] == int(counted['gradient_evaluations']) == int(info['gradient_evaluations'])
+    np.testing.assert_allclose(x0_counted, x0, rtol=1e-5, atol=1e-5)
     everywhere = guidance.discriminator_guided(model.denoiser, log_ratio, weight=1.0)
-    assert guidance.count_guidance_calls(samplers.get('heun'), everywhere, x_T, sigmas)[1]['guidance_calls'] == 11
+    assert int(samplers.get('heun')(everywhere, x_T, sigmas)[1]['gradient_evaluations']) == 11
+
+
+COUNTED = [('heun', {}), ('heun_dg', {}), ('heun_dg', {'first_evaluation_only': False}),
+           ('heun_dg', {'boosting': True}), ('heun_dg', {'boosting': True, 's_churn': 3.0}), ('dpmpp_2m', {}),
+           ('amed', {}), ('amed', {'base': 'dpmpp_2m', 'afs': True})]
+
+
+@pytest.mark.parametrize('name, options', COUNTED)
+def test_network_and_gradient_evaluations_are_the_calls_made(name, options):
+    """A GuidedDenoiser whose window covers part of the grid: info's counters equal the denoiser and logit_fn calls
+    that really ran (Python counters, jit disabled), and the jitted run counts the same."""
+    _, model, log_ratio = _mixtures(jnp.float32)
+    calls = {'network': 0, 'gradient': 0}
+
+    def network(x, sigma):
+        calls['network'] += 1
+        return model.denoiser(x, sigma)
+
+    def logit_fn(x, sigma):
+        calls['gradient'] += 1
+        return log_ratio(x, sigma)
+
+    guided = guidance.discriminator_guided(network, logit_fn, weight=1.0, sigma_min=0.1, sigma_max=5.0)
+    sigmas = schedules.get('edm', num_steps=7, sigma_min=0.002, sigma_max=20.0)
+    x_T, key = _x(sigma=20.0, dtype=jnp.float32), jax.random.key(3)
+    sampler = samplers.get(name, **options)
+    with jax.disable_jit():
+        _, info = sampler(guided, x_T, sigmas, key=key)
+    made = dict(calls)                                            # (tracing below calls them once more)
+    assert 0 < made['gradient'] < made['network']                                     # the window matters
+    assert int(info['network_evaluations']) == made['network'] == info['nfe']
+    assert int(info['gradient_evaluations']) == made['gradient']
+    jitted = jax.jit(lambda x: sampler(guided, x, sigmas, key=key)[1])(x_T)
+    assert int(jitted['network_evaluations']) == made['network']
+    assert int(jitted['gradient_evaluations']) == made['gradient']
+
+
+@pytest.mark.parametrize('name, options', [('heun_dg', {'boosting': True}), ('heun', {}), ('amed', {})])
+def test_evaluations_are_counted_under_pmap_and_vmap(name, options):
+    """8 devices (pmap) and vmap, each with its own grid (sigma_max 1.5 .. 20, so the window [0.1, 5] covers a
+    different number of grid points on each): every device's counters equal its own single run's."""
+    _, model, log_ratio = _mixtures(jnp.float32)
+    guided = guidance.discriminator_guided(model.denoiser, log_ratio, weight=1.0, sigma_min=0.1, sigma_max=5.0)
+    sampler = samplers.get(name, **options)
+    grids = jnp.stack([schedules.get('edm', num_steps=5, sigma_min=0.002, sigma_max=float(sigma_max))
+                       for sigma_max in np.geomspace(1.5, 20.0, 8)])
+    x_T = _x(n=16, sigma=1.0, dtype=jnp.float32).reshape(8, 2, 3) * grids[:, :1, None]
+    key = jax.random.key(5)
+
+    def run(x, sigmas):
+        x0, info = sampler(guided, x, sigmas, key=key)
+        return x0, info['nfe'], info['network_evaluations'], info['gradient_evaluations']
+
+    single = [run(x_T[d], grids[d]) for d in range(8)]
+    gradients = [int(counts[3]) for counts in single]
+    assert len(set(gradients)) > 1                                                   # the devices differ
+    for mapped in (jax.pmap(run, devices=jax.devices()[:8])(x_T, grids), jax.vmap(run)(x_T, grids)):
+        x0, nfe, network, gradient = (np.asarray(a) for a in mapped)
+        for d, (x0_d, nfe_d, network_d, gradient_d) in enumerate(single):
+            assert nfe[d] == nfe_d == network[d] == int(network_d) == 9
+            assert gradient[d] == int(gradient_d)
+            np.testing.assert_allclose(x0[d], x0_d, rtol=2e-5, atol=2e-5)
+
+
+def test_transforms_add_their_evaluations_to_the_wrapped_ones():
+    """A transform declaring two network evaluations per call (as classifier-free guidance will), guided by a
+    discriminator: every call costs its 2 network evaluations plus the discriminator's gradient inside the window."""
+    _, model, log_ratio = _mixtures(jnp.float32)
+
+    class Twice(guidance.Transform):
+        def __call__(self, x, sigma):
+            return 0.5 * (self.denoiser(x, sigma) + self.denoiser(x, sigma))
+
+        def evaluations(self, x, sigma):
+            return 2, 0
+
+    guided = guidance.discriminator_guided(Twice(model.denoiser), log_ratio, weight=1.0, sigma_min=0.1,
+                                           sigma_max=5.0)
+    sigmas = schedules.get('edm', num_steps=6, sigma_min=0.002, sigma_max=20.0)
+    s = np.asarray(sigmas)
+    x0, info = samplers.get('heun')(guided, _x(sigma=20.0, dtype=jnp.float32), sigmas)
+    inside = int(np.sum((s[:-1] >= 0.1) & (s[:-1] <= 5.0)) + np.sum((s[1:-1] >= 0.1) & (s[1:-1] <= 5.0)))
+    assert int(info['network_evaluations']) == 2 * info['nfe'] == 22
+    assert int(info['gradient_evaluations']) == inside > 0
+    x0_hat, aux = guided.with_aux(_x(n=2, dtype=jnp.float32), 1.0)              # the base passes aux through
+    assert aux == {} and x0_hat.shape == (2, 3)
 
 
 def test_with_aux_passes_the_unguided_aux_through():
@@ -217,11 +315,10 @@ def test_with_aux_passes_the_unguided_aux_through():
 
     x = _x(n=4, dtype=jnp.float32)
     guided = guidance.discriminator_guided(WithAux(), log_ratio, weight=1.0)
-    x0_hat, aux = common.call_denoiser(guided, x, 1.0, with_aux=True)
+    x0_hat, aux = common.call_with_aux(guided, x, 1.0)
     np.testing.assert_allclose(x0_hat, guided(x, 1.0))
     np.testing.assert_array_equal(aux['bottleneck'], x[:, :1])
-    assert common.call_denoiser(guidance.discriminator_guided(model.denoiser, log_ratio), x, 1.0,
-                                with_aux=True)[1] == {}
+    assert common.call_with_aux(guidance.discriminator_guided(model.denoiser, log_ratio), x, 1.0)[1] == {}
 
 
 def test_clipped_log_ratio_is_the_clipped_discriminator():

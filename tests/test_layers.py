@@ -15,7 +15,7 @@ METHOD_NAMES = ('stf', 'aot', 'fastode', 'fast-ode', 'fast_ode', 'amed', 'gmm_dd
                 'reference', 'encoder', 'coupling', 'sinkhorn', 'cfg', 'autoguidance', 'heun_dg', 'predictor')
 # files that run training or sampling for every method and so must name none
 METHOD_BLIND = ('jaxdiff/modes/train.py', 'jaxdiff/drivers/train_step.py', 'jaxdiff/drivers/generate.py',
-                'jaxdiff/drivers/loop.py', 'jaxdiff/core/samplers/__init__.py', 'jaxdiff/core/samplers/common.py')
+                'jaxdiff/drivers/loop.py', 'jaxdiff/core/samplers/common.py')
 
 
 def modules():

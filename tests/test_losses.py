@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import sigma_of_c_noise
 from jaxdiff.core import losses, precond
 
 POINT = 0.7  # every training example is the constant image POINT: the exact denoiser is D = POINT
@@ -18,7 +19,7 @@ def test_exact_denoiser_has_zero_loss(parameterization):
     pieces = losses.build(parameterization=parameterization)
 
     def exact_network(params, x_in, c_noise, batch, key):
-        sigma = precond.sigma_of_c_noise(parameterization, c_noise)
+        sigma = sigma_of_c_noise(parameterization, c_noise)
         c = pieces.parameterization.precond(sigma)
         x = x_in / precond.per_example(c.c_in, x_in)
         return (POINT - precond.per_example(c.c_skip, x) * x) / precond.per_example(c.c_out, x)
@@ -26,8 +27,8 @@ def test_exact_denoiser_has_zero_loss(parameterization):
     zero_network = lambda params, x_in, c_noise, batch, key: jnp.zeros_like(x_in)
     batch = {'image': jnp.full((256, 4, 4, 1), POINT), 'label': jnp.zeros((256,), jnp.int32)}
     key = jax.random.key(1)
-    exact = losses.make_loss(exact_network, pieces)(None, batch, key)
-    baseline = losses.make_loss(zero_network, pieces)(None, batch, key)
+    exact, _ = losses.make_loss(exact_network, pieces)(None, batch, key)
+    baseline, _ = losses.make_loss(zero_network, pieces)(None, batch, key)
     assert baseline > 0.1
     assert exact < 1e-6 * baseline
 
@@ -42,7 +43,7 @@ def test_edm_loss_of_zero_network_on_zero_data_matches_quadrature():
     pieces = losses.build(parameterization='edm', sigma_data=sigma_data, P_mean=P_mean, P_std=P_std)
     zero_network = lambda params, x_in, c_noise, batch, key: jnp.zeros_like(x_in)
     batch = {'image': jnp.zeros((32768, 2))}
-    loss = losses.make_loss(zero_network, pieces)(None, batch, jax.random.key(0))
+    loss, _ = losses.make_loss(zero_network, pieces)(None, batch, jax.random.key(0))
     np.testing.assert_allclose(loss, expected, rtol=0.02)
 
 
@@ -60,8 +61,8 @@ def test_registries_reject_unknown_choices_and_options():
 
 def test_a_registered_pairing_and_target_plug_in(monkeypatch):
     """New pieces are registry entries: zero noise + a target equal to the noisy input make D = x exact."""
-    monkeypatch.setitem(losses.PAIRINGS, 'none', lambda: (lambda key, y, *_: (jnp.zeros_like(y), 0.0, {})))
-    monkeypatch.setitem(losses.TARGETS, 'identity', lambda: (lambda x_noisy, sigma, batch: x_noisy))
+    monkeypatch.setitem(losses.PAIRINGS, 'none', f'{__name__}:no_noise_pairing')
+    monkeypatch.setitem(losses.TARGETS, 'identity', f'{__name__}:noisy_input_target')
     pieces = losses.build(pairing='none', target='identity')
 
     def identity_network(params, x_in, c_noise, batch, key):   # D = x: F = (1 - c_skip) x / c_out
@@ -70,4 +71,12 @@ def test_a_registered_pairing_and_target_plug_in(monkeypatch):
         return precond.per_example((1 - c.c_skip) / c.c_out, x) * x
 
     batch = {'image': jax.random.normal(jax.random.key(0), (64, 3))}
-    assert losses.make_loss(identity_network, pieces)(None, batch, jax.random.key(2)) < 1e-10
+    assert losses.make_loss(identity_network, pieces)(None, batch, jax.random.key(2))[0] < 1e-10
+
+
+def no_noise_pairing():
+    return (lambda key, y, *_: (jnp.zeros_like(y), 0.0, {})), losses.Hooks()
+
+
+def noisy_input_target():
+    return (lambda x_noisy, sigma, batch: x_noisy), losses.Hooks()

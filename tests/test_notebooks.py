@@ -114,4 +114,4 @@ def test_methods_notebook_runs(monkeypatch):
     drawn = namespace['drawn']
     np.testing.assert_allclose(drawn['guided, w = 1.0'], drawn['data model, Heun'], atol=1e-3)
     assert float(np.max(np.abs(drawn['wrong model, unguided'] - drawn['data model, Heun']))) > 0.1
-    assert int(namespace['info']['guidance_calls']) > 0
+    assert int(namespace['info']['gradient_evaluations']) > 0

@@ -62,8 +62,25 @@ def test_pmap_get_state_is_device_0s_copy_replicated_and_outlives_donation(caplo
     for name, want in (('w', rows[0]), ('b', -rows[0])):
         assert plain[name].sharding.is_equivalent_to(mesh_lib.replicated(mesh), 1)
         np.testing.assert_array_equal(np.asarray(plain[name]), want)
-    assert mesh_lib.max_steps_in_flight(mesh) == 4                  # several CPU devices: the loop waits
-    assert mesh_lib.max_steps_in_flight(mesh_lib.make_mesh(jax.devices()[:1])) is None
+    # the placement owns XLA:CPU's collectives workaround: on several CPU devices the loop waits every 4 steps and
+    # no host callback runs inside the step; on one device neither
+    one_device = mesh_lib.make_mesh(jax.devices()[:1])
+    for name in ('jit', 'pmap'):
+        several, single = train_step.parallel(name, mesh), train_step.parallel(name, one_device)
+        assert several.max_steps_in_flight == 4 and several.host_callbacks_in_step is False
+        assert single.max_steps_in_flight is None and single.host_callbacks_in_step is True
+        assert several.num_devices == 8 and single.num_devices == 1
+
+
+def test_refresh_runs_on_one_cpu_device_and_joins_the_batch_sharded():
+    """Jit.place_refresh: on several CPU devices (one process) the refresh runs on the first device and its output
+    comes back split over the mesh like the batch, with the values of the sharded computation."""
+    mesh = mesh_lib.make_mesh()
+    fn = lambda rows, key: {'x': rows['x'] * 2 + jax.random.normal(key, rows['x'].shape)}
+    rows, key = {'x': jnp.arange(16.0).reshape(8, 2)}, jax.random.key(0)
+    placed = train_step.parallel('jit', mesh).place_refresh(fn)(rows, key)
+    assert placed['x'].sharding.is_equivalent_to(mesh_lib.batch_sharding(mesh), 2)
+    np.testing.assert_array_equal(np.asarray(placed['x']), np.asarray(jax.jit(fn)(rows, key)['x']))
 
 
 @pytest.mark.parametrize('name, options', SAMPLERS, ids=lambda v: str(v))

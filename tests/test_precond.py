@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import sigma_of_c_noise
 from jaxdiff.core import precond
 
 
@@ -61,7 +62,7 @@ def test_vp_schedule_runs_in_float64_numpy_for_numpy_input():
 def test_edm_noise_label_is_a_quarter_log_sigma():
     np.testing.assert_allclose(precond.edm_noise_label(jnp.array([1.0, math.e ** 4])), [0.0, 1.0], atol=1e-6)
     sigma = jnp.array([0.002, 0.3, 80.0])
-    np.testing.assert_allclose(precond.sigma_of_c_noise('edm', precond.edm_noise_label(sigma)), sigma, rtol=1e-6)
+    np.testing.assert_allclose(sigma_of_c_noise('edm', precond.edm_noise_label(sigma)), sigma, rtol=1e-6)
 
 
 @pytest.mark.parametrize('c', [2.0, np.array([1.0, 2.0, 3.0]), np.array([1.0, 2.0, 3.0]).reshape(3, 1, 1)])

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdiff.drivers import generate, mesh as mesh_lib, precision, train_step
+from jaxdiff.drivers import loop, sampling, trained as trained_lib, mesh as mesh_lib, precision, train_step
 from jaxdiff.modes import train
 from test_train import load_config, toy_config
 
@@ -112,18 +112,19 @@ def test_train_step_donates_the_state():
 
 
 def test_training_loop_syncs_with_the_host_only_to_fetch_metrics(tmp_path, monkeypatch):
-    """modes/train.py's loop (everything inside its StopRequest block: steps, logging, the final checkpoint and
-    sample grid) runs under jax.transfer_guard('disallow'): any implicit transfer (float(loss), np.asarray(x),
-    `if x > 0` on a device value, a Python scalar passed to the step) raises. The explicit device_get calls of
-    modes/train.py are counted: one per log_every_steps (plus the last step), none elsewhere. Every batch the loop
-    receives is already on the mesh's devices (built and transferred by the prefetch thread)."""
+    """The model trainer's loop (drivers/loop.py's run: everything inside its StopRequest block: steps, logging,
+    the final checkpoint and sample grid) runs under jax.transfer_guard('disallow'): any implicit transfer
+    (float(loss), np.asarray(x), `if x > 0` on a device value, a Python scalar passed to the step) raises. The
+    explicit device_get calls of modes/train.py and drivers/loop.py are counted: one per log_every_steps (plus the
+    last step), none elsewhere. Every batch the loop receives is already on the mesh's devices (built and
+    transferred by the prefetch thread)."""
     steps, every = 8, 3
     config = toy_config(steps, **{'training.log_every_steps': every, 'training.checkpoint_every_steps': 100,
                                   'model.hidden_dim': 16, 'model.num_layers': 1})
     window = {'entered': 0, 'active': False}
     fetches, batches = [], []
 
-    class GuardedLoop(train.StopRequest):
+    class GuardedLoop(loop.StopRequest):
         def __enter__(self):
             window['entered'] += 1
             window['active'] = True
@@ -136,7 +137,7 @@ def test_training_loop_syncs_with_the_host_only_to_fetch_metrics(tmp_path, monke
             window['active'] = False
             return self._guard.__exit__(*exc)
 
-    class RecordingPrefetcher(train.Prefetcher):
+    class RecordingPrefetcher(loop.Prefetcher):
         def __next__(self):
             batch = super().__next__()
             batches.append(batch)
@@ -146,12 +147,12 @@ def test_training_loop_syncs_with_the_host_only_to_fetch_metrics(tmp_path, monke
 
     def counting_device_get(x):
         caller = inspect.stack()[1]
-        if window['active'] and caller.filename == train.__file__:
+        if window['active'] and caller.filename in (train.__file__, loop.__file__):
             fetches.append(caller.lineno)
         return device_get(x)
 
-    monkeypatch.setattr(train, 'StopRequest', GuardedLoop)
-    monkeypatch.setattr(train, 'Prefetcher', RecordingPrefetcher)
+    monkeypatch.setattr(loop, 'StopRequest', GuardedLoop)
+    monkeypatch.setattr(loop, 'Prefetcher', RecordingPrefetcher)
     monkeypatch.setattr(jax, 'device_get', counting_device_get)
     devices = jax.devices()[:2]
     state = train.run(config, str(tmp_path), devices=devices)
@@ -174,7 +175,7 @@ def test_prefetcher_builds_batches_ahead_in_the_background():
         built.append(step)
         return {'image': jax.device_put(np.full((2,), step, np.float32))}
 
-    prefetcher = train.Prefetcher(make_batch, 0, 100, size=2)
+    prefetcher = loop.Prefetcher(make_batch, 0, 100, size=2)
     try:
         first = next(prefetcher)
         assert float(first['image'][0]) == 0
@@ -211,8 +212,8 @@ def test_sampler_is_one_scan_compiled_once_per_nfe():
     for num_steps in (18, 6):
         config.sampling.schedule_options.num_steps = num_steps
         counter = TraceCounter(setup.model)
-        generator = generate.Generator(config, generate.denoiser_fn_for(counter, setup.loss.parameterization.precond),
-                                       mesh)
+        generator = sampling.generator(
+            config, mesh, trained_lib.denoiser_fn_for(counter, setup.loss.parameterization.precond))
         variables = {'params': {'model': params}, 'model_state': {}}
         first = generator(variables, 8)
         traced = counter.traces

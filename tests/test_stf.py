@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec
 
+from conftest import sigma_of_c_noise
 from jaxdiff.core import analytic, precond, stf
 from jaxdiff.drivers.config_files import named as load_config   # configs/NAME.py with dotted overrides
 from jaxdiff.drivers.mesh import make_mesh
@@ -209,16 +210,16 @@ def test_stf_loss_is_zero_for_the_exact_denoiser_in_every_parameterization(param
         pieces = losses.build(parameterization=parameterization, target=target, reference_size=32)
 
         def network(params, x_in, c_noise, batch, key):
-            sigma = precond.sigma_of_c_noise(parameterization, c_noise)
+            sigma = sigma_of_c_noise(parameterization, c_noise)
             c = pieces.parameterization.precond(sigma)
             x = x_in / c.c_in.reshape(-1, 1, 1, 1)
             return (exact(x, sigma) - c.c_skip.reshape(-1, 1, 1, 1) * x) / c.c_out.reshape(-1, 1, 1, 1)
         loss = jax.jit(losses.make_loss(network, pieces))
         batch = {'image': data[:16], 'reference': data, 'label': np.zeros(16, np.int32)}
-        results[target] = float(loss(None, batch, jax.random.key(0)))
+        results[target] = float(loss(None, batch, jax.random.key(0))[0])
         if target == 'stf' and parameterization == 'edm':
             sharded = jax.device_put(batch, jax.sharding.NamedSharding(make_mesh(), PartitionSpec('data')))
-            np.testing.assert_allclose(float(loss(None, sharded, jax.random.key(0))), results['stf'],
+            np.testing.assert_allclose(float(loss(None, sharded, jax.random.key(0))[0]), results['stf'],
                                        rtol=1e-4, atol=1e-9)
     assert results['stf'] < 1e-6 * results['x0'], results
 
@@ -230,15 +231,14 @@ def test_stf_target_needs_a_reference_size():
 
 
 def test_reference_batch_is_the_minibatch_then_independently_augmented_extras():
-    from jaxdiff.core import losses
     from jaxdiff.drivers import train_step
     rng = np.random.default_rng(7)
     batch = {'image': jnp.asarray(rng.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32),
              'reference_extra': jnp.asarray(rng.uniform(-1, 1, (24, 8, 8, 1)), jnp.float32)}
-    plain = losses.stf_reference(batch, jax.random.key(0), None)
+    plain = stf.prepare_reference(batch, jax.random.key(0), None)
     assert set(plain) == {'image', 'reference'}
     np.testing.assert_array_equal(plain['reference'], np.concatenate([batch['image'], batch['reference_extra']]))
-    augmented = losses.stf_reference(batch, jax.random.key(0), train_step.augment_fn({'p': 1.0}))['reference']
+    augmented = stf.prepare_reference(batch, jax.random.key(0), train_step.augment_fn({'p': 1.0}))['reference']
     np.testing.assert_array_equal(augmented[:8], batch['image'])            # the step augmented these already
     changed = np.abs(np.asarray(augmented[8:]) - np.asarray(batch['reference_extra'])).max(axis=(1, 2, 3)) > 1e-3
     assert changed.mean() > 0.5                                            # each extra image gets its own transform

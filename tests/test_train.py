@@ -61,7 +61,7 @@ def test_mlp_learns_a_2d_mixture(tmp_path):
     eval_batch = source.batch(10 ** 6, 8192, seed=1)
     initial = train_step.init_state({'model': model}, setup.optimizer, (2,),
                                    train_step.root_keys(config.training.seed)[0]).params['model']
-    initial_loss, trained_loss = (float(loss_fn(p, eval_batch, jax.random.key(3)))
+    initial_loss, trained_loss = (float(loss_fn(p, eval_batch, jax.random.key(3))[0])
                                   for p in (initial, state.ema_params['model']))
 
     def exact_network(params, x_in, c_noise, batch, key):   # F that makes D the exact posterior mean
@@ -69,7 +69,7 @@ def test_mlp_learns_a_2d_mixture(tmp_path):
         x = x_in / c.c_in[:, None]
         return (source.mixture.denoiser(x, jnp.exp(4 * c_noise)) - c.c_skip[:, None] * x) / c.c_out[:, None]
 
-    exact_loss = float(losses_lib.make_loss(exact_network, setup.loss.pieces)(None, eval_batch, jax.random.key(3)))
+    exact_loss = float(losses_lib.make_loss(exact_network, setup.loss.pieces)(None, eval_batch, jax.random.key(3))[0])
     # the loss is bounded below by the exact denoiser's; training closes most of the gap from the initial network
     assert trained_loss - exact_loss < 0.3 * (initial_loss - exact_loss), (initial_loss, trained_loss, exact_loss)
     x0 = source.mixture.sample(jax.random.key(5), 2048)

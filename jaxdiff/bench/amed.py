@@ -61,6 +61,15 @@ def grids(spec, num_points, sigma_min, sigma_max):
     return teacher_sigmas[::step], teacher_sigmas
 
 
+def settings_for(spec, num_points, afs, sigma_min, sigma_max, **fields):
+    """The amed_train.Settings of `spec` on its grid (`grids`: the same sigmas), with `fields` (num_trajectories,
+    batch_size, seed) and no progress lines."""
+    return amed_train.Settings(base=spec['base'], schedule=spec['schedule'],
+                               schedule_options=dict(spec['schedule_options']), num_points=num_points,
+                               sigma_min=sigma_min, sigma_max=sigma_max, afs=afs, teacher=spec['teacher'],
+                               extra_points=spec['extra_points'], log_every_rounds=0, **fields)
+
+
 def rmse(x, reference):
     return float(metrics.endpoint_rmse(np.asarray(x, np.float64), np.asarray(reference, np.float64)))
 
@@ -70,12 +79,12 @@ def train_and_sample(method, nfe, make_denoiser, denoiser_params, module, x_T, *
     """(samples from x_T, learned (r, c, a) per interval, train losses, seconds) of `method` at `nfe`."""
     spec = METHODS[method]
     num_points, afs = grid_for(nfe)
-    sigmas, teacher_sigmas = grids(spec, num_points, sigma_min, sigma_max)
+    sigmas, _ = grids(spec, num_points, sigma_min, sigma_max)
     start = time.time()
     params, losses = amed_train.train_predictor(
-        make_denoiser, denoiser_params, module, sample_shape=x_T.shape[1:], sigmas=sigmas,
-        teacher_sigmas=teacher_sigmas, base=spec['base'], afs=afs, teacher=spec['teacher'],
-        extra_points=spec['extra_points'], num_trajectories=num_trajectories, batch_size=batch_size, seed=seed)
+        make_denoiser, denoiser_params, module,
+        settings_for(spec, num_points, afs, sigma_min, sigma_max, num_trajectories=num_trajectories,
+                     batch_size=batch_size, seed=seed), sample_shape=x_T.shape[1:])
     seconds = time.time() - start
     sampler = samplers.get('amed', predictor=(module, params), base=spec['base'], afs=afs)
     out, info = sampler(make_denoiser(denoiser_params), x_T, sigmas)
@@ -161,10 +170,10 @@ def model_rows(config, model_workdir, *, nfes=(5,), methods=tuple(METHODS), num_
     """Rows {setting='digits_model', method, nfe, error, fd} on the trained network of `model_workdir`: error =
     RMSE against Heun at 501 NFE from the same noise, fd = pixel-space Frechet distance to the held-out digits
     (split 'test'); the exact reference's own fd is a row 'Heun (501 NFE)'. AMED predictors read the real bottleneck."""
-    from jaxdiff.drivers import generate, mesh as mesh_lib
+    from jaxdiff.drivers import mesh as mesh_lib, trained as trained_lib
     from jaxdiff.data import digits
 
-    trained = generate.restore(config, model_workdir, mesh_lib.make_mesh())
+    trained = trained_lib.restore(config, model_workdir, mesh_lib.make_mesh())
     make_denoiser, ema_params = trained.denoiser_fn, trained.variables
     denoiser = make_denoiser(ema_params)
     shape = tuple(config.data.shape)
@@ -201,11 +210,11 @@ def model_rows(config, model_workdir, *, nfes=(5,), methods=tuple(METHODS), num_
             rows.append(evaluate(method, nfe, sampler, sigmas))
         for method in methods:
             spec = METHODS[method]
-            sigmas, teacher_sigmas = grids(spec, num_points, 0.002, 80.0)
+            sigmas, _ = grids(spec, num_points, 0.002, 80.0)
             params, _ = amed_train.train_predictor(
-                make_denoiser, ema_params, module, sample_shape=shape, sigmas=sigmas, teacher_sigmas=teacher_sigmas,
-                base=spec['base'], afs=afs, teacher=spec['teacher'], extra_points=spec['extra_points'],
-                num_trajectories=num_trajectories, batch_size=batch_size, seed=seed)
+                make_denoiser, ema_params, module,
+                settings_for(spec, num_points, afs, 0.002, 80.0, num_trajectories=num_trajectories,
+                             batch_size=batch_size, seed=seed), sample_shape=shape)
             sampler = samplers.get('amed', predictor=(module, params), base=spec['base'], afs=afs)
             rows.append(evaluate(method, nfe, sampler, sigmas))
     return rows

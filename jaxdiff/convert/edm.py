@@ -298,16 +298,6 @@ def to_jaxdiff_array(value):
     return value
 
 
-def to_edm_array(value):
-    """The inverse of `to_jaxdiff_array`."""
-    value = np.asarray(value, np.float32)
-    if value.ndim == 2:
-        return value.T
-    if value.ndim == 4:
-        return value.transpose(3, 2, 0, 1)
-    return value
-
-
 def resample_buffers(fields):
     """{EDM name: f f^T / (sum f)^2 [1, 1, k, k]} for every resampling conv of the architecture (EDM keeps these
     buffers in its state dicts; jaxdiff computes them from `resample_filter`)."""
@@ -377,20 +367,6 @@ def variables_from_state_dict(state_dict, model, origin='EDM state dict'):
     variables = {'params': traverse_util.unflatten_dict(params)}
     variables.update({c: traverse_util.unflatten_dict(tree) for c, tree in collections_out.items()})
     return variables
-
-
-def state_dict_from_variables(variables, model, prefix='model.'):
-    """EDM's state dict (names, layouts, resampling buffers, map_noise.freqs) of a jaxdiff SongUNet's variables:
-    the inverse of `variables_from_state_dict`, for tests and for exporting to EDM."""
-    out = {prefix + edm_name(path): to_edm_array(value)
-           for path, value in traverse_util.flatten_dict(variables['params']).items()}
-    fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in ('parent', 'name')}
-    out.update({prefix + name: value for name, value in resample_buffers(fields).items()})
-    freqs_at = _freqs_location({c: t for c, t in variables.items()})
-    if freqs_at is not None:
-        collection, path = freqs_at
-        out[prefix + 'map_noise.freqs'] = np.asarray(traverse_util.flatten_dict(variables[collection])[path])
-    return out
 
 
 def edm_shapes(model, prefix='model.'):

@@ -30,7 +30,8 @@ losses' Rows / Hooks.
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.core import coupling
+from jaxdiff.core import coupling, losses
+from jaxdiff.core.errors import UserError
 
 POOL = 'pool'                  # Rows name of the reused pool (period P/B)
 POOL_EXTRA = 'pool_extra'      # Rows name of the P - B other images of a fresh per-step pool
@@ -65,8 +66,6 @@ def aot_noise(key, y, batch, params, networks):
 def aot_pairing(*, pool_size=None, pool_reuse=True, coupling_method='exact', coupling_cost='euclidean',
                 coupling_solver='scipy', coupling_epsilon=0.05, per_class=False):
     """AOT's pairing and its hooks (see the module docstring). pool_size None = the batch size."""
-    from jaxdiff.core import losses       # here, not at the top: losses imports this module for its registry
-    from jaxdiff.core.errors import UserError
     for field, value, valid in (('coupling_method', coupling_method, coupling.METHODS),
                                 ('coupling_cost', coupling_cost, coupling.COSTS),
                                 ('coupling_solver', coupling_solver, coupling.EXACT_SOLVERS)):
@@ -84,7 +83,7 @@ def aot_pairing(*, pool_size=None, pool_reuse=True, coupling_method='exact', cou
     def period_of(batch_size):
         return size_of(batch_size) // batch_size if pool_reuse else 1
 
-    def check(batch_size, num_devices, parallelism):
+    def check(batch_size, num_devices, parallelism, host_callbacks_in_step):
         P = size_of(batch_size)
         if isinstance(P, bool) or not isinstance(P, int) or P < batch_size or P % batch_size:
             raise UserError(f'config.loss.pool_size={pool_size!r} must be a multiple of training.batch_size='
@@ -93,11 +92,11 @@ def aot_pairing(*, pool_size=None, pool_reuse=True, coupling_method='exact', cou
             raise UserError(f"config.loss.pool_size={pool_size!r}: loss.pairing='aot' needs training.parallelism="
                             f"'jit' (one global pool; got {parallelism!r})")
         if period_of(batch_size) == 1 and coupling_method == 'exact' and coupling_solver == 'scipy' \
-                and num_devices > 1 and jax.default_backend() == 'cpu':
-            # the host callback would run inside the sharded step, where XLA:CPU's collectives deadlock around it
+                and not host_callbacks_in_step:
+            # scipy's assignment is a host callback inside the sharded step, which this placement cannot run
             raise UserError("config.loss.coupling_solver='scipy' pairs inside the training step when each pool "
-                            'serves one step, which XLA:CPU cannot run on several devices; use coupling_solver='
-                            "'hungarian', pool_reuse=True with pool_size > batch_size, or one device")
+                            f'serves one step, which cannot run on these {num_devices} devices; use '
+                            "coupling_solver='hungarian', pool_reuse=True with pool_size > batch_size, or one device")
 
     def rows(batch_size):
         P, period = size_of(batch_size), period_of(batch_size)

@@ -25,8 +25,6 @@ Public API (pure, jittable; `velocity_fn(x_t, t) -> v` with t [B]; `encoder_fn(x
     reparameterize(mu, logvar, eps)                          z = mu + exp(logvar / 2) eps
     gaussian_kl(mu, logvar, prior_var=1.)                    [B] KL(q || N(0, diag prior_var)), summed over dims
     prior_loss(mu, logvar, prior_var=1.)                     mean_B KL / dim (the authors' normalisation)
-    fastode_loss(velocity_fn, encoder_fn, x, key, beta=20.)  (loss, metrics); encoder_fn=None: rectified flow
-    time_uniform_sigmas(num_steps, t_max=0.999)              sigma grid that is uniform in t (for straightness)
     uniform_schedule(num_steps, sigma_min, sigma_max)        schedules.get('flow_uniform'): uniform in t
     trajectory_in_time(trajectory, sigmas)                   a sampler's sigma-space trajectory as x_t, and t
 
@@ -41,7 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.core import precond as precond_lib
+from jaxdiff.core import losses, precond as precond_lib
+from jaxdiff.core.errors import UserError
 
 
 def sigma_of_t(t):
@@ -139,41 +138,10 @@ def prior_loss(mu, logvar, prior_var=1.0):
     return jnp.mean(gaussian_kl(mu, logvar, prior_var)) / mu[0].size
 
 
-def fastode_loss(velocity_fn, encoder_fn, x, key, beta=20.0, t_min=1e-5, prior_var=1.0):
-    """The Fast-ODE objective (Sec. 3) on clean data x [B, ...]; returns (loss, metrics).
-
-        z = mu + exp(logvar / 2) eps with (mu, logvar) = encoder_fn(x)     (encoder_fn=None: z ~ N(0, diag prior_var),
-                                                                            the independent rectified-flow baseline)
-        loss_flow  = mean((velocity_fn(x_t, t) - (z - x))^2),  x_t = t z + (1 - t) x,  t ~ U(t_min, 1)
-        loss_prior = mean_B KL(q(z | x) || N(0, diag prior_var)) / dim
-        loss = loss_flow + beta * loss_prior
-
-    metrics: loss, loss_flow, loss_prior (0 for the baseline). beta = 20 in the authors' image recipes, 10 in 2-D.
-    """
-    t_key, eps_key = jax.random.split(key)
-    eps = jax.random.normal(eps_key, x.shape, x.dtype)
-    if encoder_fn is None:
-        z = jnp.sqrt(jnp.asarray(prior_var, x.dtype)) * eps
-        loss_prior = jnp.zeros((), x.dtype)
-    else:
-        mu, logvar = encoder_fn(x)
-        if mu.shape != x.shape or logvar.shape != x.shape:
-            raise ValueError(f'fastode_loss: encoder_fn must return mu and logvar shaped like x {x.shape}, got '
-                             f'{mu.shape} and {logvar.shape}')
-        z = reparameterize(mu, logvar, eps)
-        loss_prior = prior_loss(mu, logvar, prior_var)
-    t = sample_t(t_key, x.shape[:1], t_min, x.dtype)
-    v = velocity_fn(interpolate(x, z, t), t)
-    loss_flow = jnp.mean((v - velocity_target(x, z)) ** 2)
-    loss = loss_flow + beta * loss_prior
-    return loss, {'loss': loss, 'loss_flow': loss_flow, 'loss_prior': loss_prior}
-
-
 def parameterization(*, t_min=1e-5):
     """The flow as a `losses.Parameterization` (loss.parameterization='flow'): `precond` (c_noise = t, fed raw to
     the velocity network), `weight` = 1 / t^2 and sigma = t / (1 - t) with t ~ U(t_min, 1), so the sigma-space loss
     lambda(sigma) |D - x0|^2 is the flow-matching loss |v_theta(x_t, t) - (z - x0)|^2 of Eq. 4 (see `weight`)."""
-    from jaxdiff.core import losses       # here, not at the top: losses imports this module for its registry
     if not 0 < t_min < 1:
         raise ValueError(f'config.loss.t_min={t_min!r} must be in (0, 1) (flow times t ~ U(t_min, 1))')
     return losses.Parameterization(precond=precond, weight=weight,
@@ -191,8 +159,6 @@ def fastode_pairing(*, beta=20.0):
     phi gets gradients through x_t = t z + (1 - t) x and the target (the loss) and through the KL (the penalty).
     Metrics: loss_prior (the KL per dimension, before beta), encoder_mean_sq (mean mu^2) and encoder_var (mean
     exp(logvar)); q = N(0, I) gives 0, 0 and 1."""
-    from jaxdiff.core import losses
-    from jaxdiff.core.errors import UserError
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 0:
         raise UserError(f'config.loss.beta={beta!r} must be a number >= 0 (the weight of the KL term)')
 
@@ -211,22 +177,13 @@ def fastode_pairing(*, beta=20.0):
     return pairing, losses.Hooks(extra_networks=('encoder',))
 
 
-def time_uniform_sigmas(num_steps, t_max=0.999, dtype=jnp.float32):
-    """A sigma grid whose flow times t = linspace(t_max, 0, num_steps + 1) are uniform, ending at sigma = 0.
-
-    The authors' Euler starts at t = 1 (sigma = inf); sigma-space samplers need t_max < 1. On this grid Euler in
-    sigma on `denoiser_from_velocity(v)` is exactly Euler in t on v: x_t' = x_t + (t' - t) v(x_t, t)."""
-    if num_steps < 1 or not 0 < t_max < 1:
-        raise ValueError(f'time_uniform_sigmas: num_steps={num_steps} must be >= 1 and t_max={t_max} in (0, 1)')
-    return sigma_of_t(jnp.linspace(t_max, 0.0, num_steps + 1, dtype=dtype))
-
-
 def uniform_schedule(*, num_steps=18, sigma_min=None, sigma_max=999.0):
     """schedules.get('flow_uniform'): a grid uniform in flow time t = sigma / (1 + sigma), N = num_steps positive
     points from t(sigma_max) down to t(sigma_min), then sigma = 0 (the schedules contract). sigma_min=None: uniform
     all the way to t = 0, t_i = t_max (1 - i / N), i = 0..N, the authors' Euler grid (their t_max = 1, sigma = inf;
-    sigma-space samplers need sigma_max < inf: 999 is t = 0.999). Euler on it is their Euler in t (see
-    `time_uniform_sigmas`). Computed in float64 (NumPy), returned in the default float dtype.
+    sigma-space samplers need sigma_max < inf: 999 is t = 0.999). Euler on it is their Euler in t: Euler in sigma on
+    `denoiser_from_velocity(v)` steps x_t' = x_t + (t' - t) v(x_t, t). Computed in float64 (NumPy), returned in
+    the default float dtype.
 
     Not a grid for sigma-space Heun (EDM Alg. 1): on a flow, its step t -> t' is x_t' = x_t + (t' - t) [(1 - 2t +
     t') v(x_t) + (1 - t') v(x_t')] / (2 (1 - t)) (substitute x = x_t / (1 - t), d = x_t + v / (1 + sigma)), whose

@@ -1,4 +1,4 @@
-"""Discriminator guidance as a denoiser -> denoiser transform, and the authors' guided Heun sampler (EDM-G++).
+"""Denoiser transforms (D -> D' maps that declare their cost per call) and discriminator guidance.
 
 Kim, Kim, Kwon, Kang, Moon, "Refining Generative Process with Discriminator Guidance in Score-based Diffusion
 Models" (ICML 2023). Theorem 1: with d*(x, sigma) the optimal discriminator between perturbed data (label 1) and
@@ -10,36 +10,32 @@ With Tweedie's D = x + sigma^2 grad log p (EDM eq. 3) the guided model is the de
 and the PF-ODE slope (x - D_guided) / sigma = (x - D) / sigma - w sigma grad_x log r is their corrected d_cur.
 Any sampler runs on D_guided. The authors guide only inside a time window (VP time tau >= 0.01, i.e.
 sigma >= precond.vp_sigma_of_t(0.01) ~ 0.0447) and, in EDM's Heun, only the first evaluation of each step (their
-second-order weight is 0 by default), with w = 2 unconditional, w = 1 plus "boosting" conditional.
+second-order weight is 0 by default), with w = 2 unconditional, w = 1 plus "boosting" conditional: that sampler is
+'heun_dg' (samplers/guided.py), EDM's Heun step with its first evaluation replaced.
 
 Public API:
+    Transform: the base every transform follows (discriminator guidance here; classifier-free guidance and
+        autoguidance the same way): a denoiser wrapping `.denoiser`, with `with_aux` passed through and
+        `evaluations(x, sigma) -> (network, gradient)`, which every sampler counts (samplers/common.py).
     discriminator_guided(denoiser, logit_fn, weight=2.0, sigma_min=0.0, sigma_max=inf) -> GuidedDenoiser
         logit_fn(x, sigma [B]) -> [B] log r; per-example independent (no batch statistics), so the gradient of the
         batch sum is each example's own gradient. The GuidedDenoiser is a plain D(x, sigma) for every sampler and
-        also carries .correction(x, sigma), .denoiser (the unguided one) and with_aux (passed through).
-    guided_heun(first_evaluation_only=True, boosting=False, s_churn=0., ...) -> sampler
-        EDM's Heun (Algorithm 2) that knows a GuidedDenoiser: guides the first evaluation of each step only (the
-        authors' choice) and optionally boosts; info['guidance_calls'] beside info['nfe'].
-    count_guidance_calls(sampler, guided, x_T, sigmas, key=None) -> (x0, info) with info['guidance_calls']
-        for any sampler: counts the discriminator-gradient evaluations the run really made.
-    window_calls(sampler, sample_shape, sigmas, sigma_min, sigma_max, key=None) -> int
-        the discriminator-gradient evaluations per batch of a sampler whose evaluation points do not depend on x
-        (every fixed-grid sampler), counted on a one-example probe: what a sampler reports beside its NFE.
+        also carries .correction(x, sigma) and .denoiser (the unguided one).
     clipped_log_ratio(logit, eps=1e-5): log r of d clipped to [eps, 1 - eps], as the authors compute it.
+    classifier_free_guided(denoiser_of, class_labels, weight, sigma_lo=0, sigma_hi=inf) -> ClassifierFreeGuided
+        D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null)) in one network call of 2B rows (Ho & Salimans
+        2022), inside the guidance interval [sigma_lo, sigma_hi] (Kynkaanniemi et al. 2024)
+    autoguided(good, bad, weight, sigma_lo=0, sigma_hi=inf) -> Autoguided
+        D_bad + w (D_good - D_bad) (Karras et al. 2024), inside the same kind of interval
 
-Why a Heun-specific sampler and not a wrapper: a denoiser D(x, sigma) cannot know which evaluation of a step it
-is. Sigma does not tell (the second evaluation of step i and the first of step i + 1 are both at t_{i+1}), and a
-call counter is Python state that runs once at trace time inside lax.scan, not once per call. So the sampler, which
-knows its own structure, asks the GuidedDenoiser for the pieces (.denoiser and .correction).
-
-A guidance call is one batched evaluation of grad_x logit_fn; it is skipped (lax.cond) when no example of the
-batch lies in [sigma_min, sigma_max], and counted the same way.
+A gradient evaluation is one batched evaluation of grad_x logit_fn; it is skipped (lax.cond) when no example of the
+batch lies in [sigma_min, sigma_max], and `GuidedDenoiser.evaluations` declares it on the same condition, so
+info['gradient_evaluations'] of every sampler counts the ones that ran.
 """
 import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jaxdiff.core import precond
 from jaxdiff.core.samplers import common
@@ -52,14 +48,38 @@ def clipped_log_ratio(logit, eps=1e-5):
     return jnp.clip(logit, -bound, bound)
 
 
-class GuidedDenoiser:
+class Transform:
+    """A denoiser built from another one, `self.denoiser` (SPEC.md, round 3: guidance and other transforms).
+
+    A transform defines `__call__(x, sigma) -> x0_hat` and declares what one call costs; every sampler runs on it
+    as on a plain denoiser and counts the declaration (samplers/common.py `evaluate`). Defaults a transform may
+    override:
+      with_aux(x, sigma) -> (x0_hat, aux)           the transformed x0_hat with the wrapped denoiser's aux
+      evaluations(x, sigma) -> (network, gradient)  the wrapped denoiser's own (int32 scalars)
+    """
+
+    def __init__(self, denoiser):
+        self.denoiser = denoiser
+
+    def __call__(self, x, sigma):
+        raise NotImplementedError
+
+    def with_aux(self, x, sigma):
+        _, aux = common.call_with_aux(self.denoiser, x, sigma)
+        return self(x, sigma), aux
+
+    def evaluations(self, x, sigma):
+        return common.declared_evaluations(self.denoiser, x, sigma)
+
+
+class GuidedDenoiser(Transform):
     """D_guided(x, sigma) = D(x, sigma) + weight sigma^2 grad_x logit_fn(x, sigma) for sigma in [sigma_min,
     sigma_max] (per example), D(x, sigma) elsewhere. Build it with `discriminator_guided`."""
 
-    def __init__(self, denoiser, logit_fn, weight, sigma_min, sigma_max, on_gradient=None):
-        self.denoiser, self.logit_fn = denoiser, logit_fn
+    def __init__(self, denoiser, logit_fn, weight, sigma_min, sigma_max):
+        super().__init__(denoiser)
+        self.logit_fn = logit_fn
         self.weight, self.sigma_min, self.sigma_max = weight, sigma_min, sigma_max
-        self._on_gradient = on_gradient          # a host callback per gradient evaluation (count_guidance_calls)
 
     @property
     def is_off(self):
@@ -81,15 +101,17 @@ class GuidedDenoiser:
             return unguided
 
         def guided():
-            if self._on_gradient is not None:
-                jax.debug.callback(self._on_gradient)
             batch_sum = lambda x: (lambda l: (jnp.sum(l), l))(self.logit_fn(x, sigma).astype(x.dtype))
             (_, log_ratio), grad = jax.value_and_grad(batch_sum, has_aux=True)(x)
             delta = self.weight * precond.per_example(sigma, x, x.dtype) ** 2 * grad
             mask = precond.per_example(active, x, x.dtype)
             return jnp.where(mask, delta, 0).astype(x.dtype), jnp.where(active, log_ratio, jnp.inf)
 
-        return jax.lax.cond(jnp.any(active), guided, lambda: unguided)
+        return jax.lax.cond(self.computes_gradient(x, sigma), guided, lambda: unguided)
+
+    def computes_gradient(self, x, sigma):
+        """bool scalar: whether a call at (x, sigma) evaluates grad_x logit_fn (some example inside the window)."""
+        return jnp.any(self.active(x, sigma))
 
     def __call__(self, x, sigma):
         if self.is_off:
@@ -98,10 +120,18 @@ class GuidedDenoiser:
 
     def with_aux(self, x, sigma):
         """(D_guided, aux) with the unguided denoiser's aux (samplers/common.py's convention), {} if it has none."""
-        x0_hat, aux = common.call_denoiser(self.denoiser, x, sigma, with_aux=True)
+        x0_hat, aux = common.call_with_aux(self.denoiser, x, sigma)
         if self.is_off:
             return x0_hat, aux
         return x0_hat + self.correction(x, sigma)[0], aux
+
+    def evaluations(self, x, sigma):
+        """The wrapped denoiser's evaluations plus one gradient evaluation when the call computes one: weight not a
+        Python 0 and some example inside [sigma_min, sigma_max] (the lax.cond of `correction`)."""
+        network, gradient = common.declared_evaluations(self.denoiser, x, sigma)
+        if self.is_off:
+            return network, gradient
+        return network, gradient + self.computes_gradient(x, sigma).astype(jnp.int32)
 
 
 def discriminator_guided(denoiser, logit_fn, weight=2.0, sigma_min=0.0, sigma_max=float('inf')):
@@ -112,130 +142,103 @@ def discriminator_guided(denoiser, logit_fn, weight=2.0, sigma_min=0.0, sigma_ma
     return GuidedDenoiser(denoiser, logit_fn, weight, sigma_min, sigma_max)
 
 
-def _count(guided, x, sigma):
-    """1 when this evaluation computes a discriminator gradient (some example in the window), else 0."""
-    if guided is None or guided.is_off:
-        return jnp.zeros((), jnp.int32)
-    return jnp.any(guided.active(x, sigma)).astype(jnp.int32)
+# ---------------------------------------------------------------- guidance by the model itself
+
+def _inside(x, sigma, sigma_lo, sigma_hi):
+    """[B] bool: the examples whose sigma lies in the guidance interval [sigma_lo, sigma_hi]."""
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:1])
+    return (sigma >= sigma_lo) & (sigma <= sigma_hi)
 
 
-def guided_heun(*, first_evaluation_only=True, boosting=False, s_churn=0.0, s_min=0.0, s_max=float('inf'),
-                s_noise=1.0, boost_churn=4.0, boost_noise=1.0, boost_period=5, boost_weight_period=2):
-    """EDM's Heun sampler (Karras et al. 2022, Algorithm 2) with discriminator guidance as the DG authors run it
-    (EDM-G++). Given a GuidedDenoiser g, step i from (x_i, t_i):
-
-        churn as EDM: gamma = min(S / N, sqrt(2) - 1) if s_min <= t_i <= s_max, t_hat = t_i (1 + gamma),
-                      x_hat = x_i + t_i sqrt(gamma (2 + gamma)) s_noise z_i      (z_i = common.step_noise(key, i))
-        first evaluation, guided:  D_1 = g.denoiser(x_hat, t_hat) + delta(x_hat, t_hat),  d_cur = (x_hat - D_1) / t_hat
-        Euler:  x_e = x_hat + (t_{i+1} - t_hat) d_cur
-        second evaluation (t_{i+1} > 0): D_2 = g.denoiser(x_e, t_{i+1})  (g(x_e, t_{i+1}) when not
-                      first_evaluation_only), x_{i+1} = x_hat + (t_{i+1} - t_hat) (d_cur + d_next) / 2.
-
-    Boosting (their conditional recipe): at steps i % boost_period == 0 the examples whose last log r was < 0 get
-    churn boost_churn and noise boost_noise instead of s_churn / s_noise; at steps i % boost_weight_period == 0
-    their guidance term is doubled. With a plain denoiser (no guidance) this is `samplers.get('heun')`.
-    NFE = 2 N - 1 on a grid ending at 0; info['guidance_calls'] = discriminator-gradient evaluations made.
-    """
-    if s_churn < 0 or s_noise < 0 or boost_churn < 0 or boost_noise < 0:
-        raise ValueError('guided_heun: s_churn, s_noise, boost_churn and boost_noise must be >= 0')
-    if boost_period < 1 or boost_weight_period < 1:
-        raise ValueError(f'guided_heun: boost_period={boost_period} and boost_weight_period={boost_weight_period} '
-                         'must be >= 1')
-
-    def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
-        x_T, sigmas = common.prepare('guided_heun', x_T, sigmas)
-        guided = denoiser if isinstance(denoiser, GuidedDenoiser) else None
-        base = denoiser if guided is None else guided.denoiser
-        if boosting and guided is None:
-            raise ValueError('guided_heun: boosting needs a guidance.discriminator_guided denoiser')
-        churn = s_churn > 0 or boosting
-        if churn:
-            common.require_key('guided_heun', key, 'churn' if s_churn > 0 else 'boosting')
-        num_steps = sigmas.shape[0] - 1
-        batch = x_T.shape[0]
-
-        def first_evaluation(x, i, t, log_ratio):
-            """(x_hat, t_hat [B], D_1, log_ratio, guidance calls) of step i."""
-            t_hat = jnp.broadcast_to(t, (batch,))
-            if churn:
-                boost = jnp.zeros((batch,), bool)
-                if boosting:
-                    boost = (i % boost_period == 0) & (log_ratio < 0)
-                gamma = jnp.minimum(jnp.where(boost, boost_churn, s_churn) / num_steps, math.sqrt(2) - 1)
-                gamma = jnp.where((t >= s_min) & (t <= s_max), gamma, 0.0).astype(x.dtype)
-                noise = jnp.where(boost, boost_noise, s_noise).astype(x.dtype)
-                z = common.step_noise(key, i, x.shape, x.dtype)
-                # sqrt(t_hat^2 - t^2) written as t sqrt(gamma (2 + gamma)), as samplers/ode.py does
-                x = x + precond.per_example(t * jnp.sqrt(gamma * (2 + gamma)) * noise, x, x.dtype) * z
-                t_hat = t + gamma * t
-            x0_hat = base(x, t_hat)
-            if guided is None or guided.is_off:
-                return x, t_hat, x0_hat, log_ratio, jnp.zeros((), jnp.int32)
-            delta, log_ratio = guided.correction(x, t_hat)
-            if boosting:
-                doubled = (i % boost_weight_period == 0) & (log_ratio < 0)
-                delta = jnp.where(precond.per_example(doubled, x), 2 * delta, delta)
-            return x, t_hat, x0_hat + delta, log_ratio, _count(guided, x, t_hat)
-
-        second = base if first_evaluation_only or guided is None else guided
-
-        def step(carry, i, t, t_next):
-            x, log_ratio, calls = carry
-            x_hat, t_hat, x0_hat, log_ratio, first_calls = first_evaluation(x, i, t, log_ratio)
-            d_cur = (x_hat - x0_hat) / precond.per_example(t_hat, x, x.dtype)
-            x_euler = x_hat + precond.per_example(t_next - t_hat, x, x.dtype) * d_cur
-
-            def correct():
-                d_next = (x_euler - second(x_euler, t_next)) / t_next
-                second_calls = _count(None if second is base else guided, x_euler, t_next)
-                h = precond.per_example(t_next - t_hat, x, x.dtype)
-                return x_hat + h * (0.5 * d_cur + 0.5 * d_next), second_calls
-
-            x_next, second_calls = jax.lax.cond(t_next > 0, correct, lambda: (x_euler, jnp.zeros((), jnp.int32)))
-            return x_next, log_ratio, calls + first_calls + second_calls
-
-        init = (x_T, jnp.full((batch,), jnp.inf, x_T.dtype), jnp.zeros((), jnp.int32))
-        (x, _, calls), trajectory = common.scan_grid(step, init, sigmas, lambda carry: carry[0], return_trajectory)
-        t_next = sigmas[1:]
-        if common.is_concrete(t_next):
-            positive = int(np.sum(np.asarray(t_next) > 0))
-        else:
-            positive = jnp.sum(t_next > 0).astype(jnp.int32)
-        nfe = 2 * positive + (num_steps - positive)       # one call into sigma = 0, two per other step
-        x0, info = common.finish('guided_heun', x, nfe, trajectory)
-        info['guidance_calls'] = calls
-        return x0, info
-
-    return sampler
+def _combine(unguided, guiding, weight, active, x):
+    """unguided + w (guiding - unguided) where active (per example), guiding elsewhere: the guided denoiser of CFG
+    (Ho & Salimans 2022, Eq. 6, D_uncond + w (D_cond - D_uncond)) and of autoguidance (Karras et al. 2024, Eq. 1,
+    D_bad + w (D_good - D_bad)); w = 1 is the guiding model alone."""
+    guided = unguided + weight * (guiding - unguided)
+    return jnp.where(precond.per_example(active, x, x.dtype), guided, guiding).astype(x.dtype)
 
 
-def count_guidance_calls(sampler, guided, x_T, sigmas, key=None):
-    """Runs `sampler(guided, x_T, sigmas, key)` for any sampler and returns (x0, info) with info['guidance_calls']:
-    the batched discriminator-gradient evaluations that really ran (a host callback per evaluation, counted after
-    jax.effects_barrier). Meant for reports on one process and device: under SPMD sharding every device would run
-    the callback."""
-    if not isinstance(guided, GuidedDenoiser):
-        raise ValueError('count_guidance_calls needs a guidance.discriminator_guided denoiser')
-    count = [0]
+class ClassifierFreeGuided(Transform):
+    """D_w(x, sigma, c) = D(x, sigma, null) + w (D(x, sigma, c) - D(x, sigma, null)) for sigma in [sigma_lo,
+    sigma_hi] (the guidance interval of Kynkaanniemi et al. 2024), D(x, sigma, c) elsewhere. The null label is the
+    all-zero one-hot row (SPEC.md). Inside the interval both evaluations are one network call on 2B rows, x twice
+    with labels [c; null]: 2 network evaluations; outside (no example of the batch inside) only D(x, sigma, c) is
+    called (lax.cond): 1. Build it with `classifier_free_guided`."""
 
-    def bump():
-        count[0] += 1
+    def __init__(self, denoiser_of, class_labels, weight, sigma_lo, sigma_hi):
+        super().__init__(denoiser_of(class_labels))
+        self.paired = denoiser_of(jnp.concatenate([class_labels, jnp.zeros_like(class_labels)]))
+        self.weight, self.sigma_lo, self.sigma_hi = weight, sigma_lo, sigma_hi
 
-    counting = GuidedDenoiser(guided.denoiser, guided.logit_fn, guided.weight, guided.sigma_min, guided.sigma_max,
-                              on_gradient=bump)
-    x0, info = sampler(counting, x_T, sigmas, key=key)
-    jax.block_until_ready(x0)
-    jax.effects_barrier()
-    return x0, dict(info, guidance_calls=count[0])
+    def _guided(self, x, sigma, call):
+        """call(denoiser, x, sigma) -> (x0_hat, aux): both evaluations in one call, combined; aux of the c half."""
+        sigma = jnp.broadcast_to(jnp.asarray(sigma, x.dtype), x.shape[:1])
+        active = _inside(x, sigma, self.sigma_lo, self.sigma_hi)
+        batch = x.shape[0]
+
+        def both():
+            x0_hat, aux = call(self.paired, jnp.concatenate([x, x]), jnp.concatenate([sigma, sigma]))
+            conditional, unconditional = x0_hat[:batch], x0_hat[batch:]
+            return (_combine(unconditional, conditional, self.weight, active, x),
+                    jax.tree_util.tree_map(lambda a: a[:batch], aux))
+
+        return jax.lax.cond(jnp.any(active), both, lambda: call(self.denoiser, x, sigma))
+
+    def __call__(self, x, sigma):
+        return self._guided(x, sigma, lambda denoiser, x, sigma: (denoiser(x, sigma), {}))[0]
+
+    def with_aux(self, x, sigma):
+        return self._guided(x, sigma, common.call_with_aux)
+
+    def evaluations(self, x, sigma):
+        """2 network evaluations when some example is inside the interval (the paired call), else 1; each the
+        wrapped denoiser's own count."""
+        network, gradient = common.declared_evaluations(self.denoiser, x, sigma)
+        inside = jnp.any(_inside(x, sigma, self.sigma_lo, self.sigma_hi)).astype(jnp.int32)
+        return network * (1 + inside), gradient * (1 + inside)
 
 
-def window_calls(sampler, sample_shape, sigmas, sigma_min=0.0, sigma_max=float('inf'), key=None):
-    """Discriminator-gradient evaluations that `sampler` makes on the grid `sigmas` with guidance inside
-    [sigma_min, sigma_max], counted by `count_guidance_calls` on a probe: one example of `sample_shape`, a zero
-    denoiser and a zero logit. Exact for every sampler whose evaluation points do not depend on x (the fixed-grid
-    ones, churn included), which is all but a sampler that picks its own steps."""
-    probe = GuidedDenoiser(lambda x, sigma: jnp.zeros_like(x), lambda x, sigma: jnp.zeros(x.shape[:1], x.dtype),
-                           1.0, sigma_min, sigma_max)
-    x_T = jnp.zeros((1, *sample_shape), jnp.float32)
-    key = jax.random.key(0) if key is None else key
-    return count_guidance_calls(sampler, probe, x_T, jnp.asarray(sigmas, jnp.float32), key=key)[1]['guidance_calls']
+def classifier_free_guided(denoiser_of, class_labels, weight, sigma_lo=0.0, sigma_hi=float('inf')):
+    """Classifier-free guidance (Ho & Salimans 2022) of the conditional denoisers denoiser_of(labels [N, label_dim])
+    -> D(x [N, ...], sigma) at the one-hot class_labels [B, label_dim]. See `ClassifierFreeGuided`."""
+    if class_labels is None:
+        raise ValueError('classifier-free guidance needs class labels (a class-conditional model)')
+    if not 0 <= sigma_lo <= sigma_hi:
+        raise ValueError(f'guidance interval [{sigma_lo}, {sigma_hi}] needs 0 <= sigma_lo <= sigma_hi')
+    return ClassifierFreeGuided(denoiser_of, class_labels, weight, sigma_lo, sigma_hi)
+
+
+class Autoguided(Transform):
+    """D_w = D_bad + w (D_good - D_bad) for sigma in [sigma_lo, sigma_hi], D_good elsewhere (Karras et al. 2024,
+    "Guiding a diffusion model with a bad version of itself", Eq. 1 in denoiser form). D_bad is evaluated only when
+    some example is inside the interval (lax.cond). Build it with `autoguided`."""
+
+    def __init__(self, good, bad, weight, sigma_lo, sigma_hi):
+        super().__init__(good)
+        self.bad, self.weight, self.sigma_lo, self.sigma_hi = bad, weight, sigma_lo, sigma_hi
+
+    def _guided(self, x, sigma, x0_good):
+        active = _inside(x, sigma, self.sigma_lo, self.sigma_hi)
+        return jax.lax.cond(jnp.any(active),
+                            lambda: _combine(self.bad(x, sigma), x0_good, self.weight, active, x), lambda: x0_good)
+
+    def __call__(self, x, sigma):
+        return self._guided(x, sigma, self.denoiser(x, sigma))
+
+    def with_aux(self, x, sigma):
+        x0_good, aux = common.call_with_aux(self.denoiser, x, sigma)
+        return self._guided(x, sigma, x0_good), aux
+
+    def evaluations(self, x, sigma):
+        """The good model's evaluations plus the bad model's when some example is inside the interval."""
+        network, gradient = common.declared_evaluations(self.denoiser, x, sigma)
+        bad_network, bad_gradient = common.declared_evaluations(self.bad, x, sigma)
+        inside = jnp.any(_inside(x, sigma, self.sigma_lo, self.sigma_hi)).astype(jnp.int32)
+        return network + inside * bad_network, gradient + inside * bad_gradient
+
+
+def autoguided(good, bad, weight, sigma_lo=0.0, sigma_hi=float('inf')):
+    """Autoguidance of denoiser `good` by the weaker denoiser `bad` of the same data and preconditioning."""
+    if not 0 <= sigma_lo <= sigma_hi:
+        raise ValueError(f'guidance interval [{sigma_lo}, {sigma_hi}] needs 0 <= sigma_lo <= sigma_hi')
+    return Autoguided(good, bad, weight, sigma_lo, sigma_hi)

@@ -16,17 +16,19 @@ loop (jaxdiff.drivers.train_step) calls them without knowing which method asked.
 
 EDM sums the squared error over pixels; we average over pixels too, a constant factor that Adam's update is invariant
 to (up to its epsilon) and that keeps the logged loss comparable across image sizes. Pure: no Flax, no config objects.
-A new piece is a factory added to one of the three registries below; its keyword options come from config.loss.
+A new piece is a factory named in one of the three registries below (`module:factory`, imported on demand, so a
+piece's module may import this one for `Hooks` and `Rows`); its keyword options come from config.loss. A
+parameterization factory returns a `Parameterization`; a target or pairing factory returns (piece, `Hooks`).
 """
 import functools
+import importlib
 import inspect
 from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.core import aot, flow, precond, stf
-from jaxdiff.core.errors import UserError
+from jaxdiff.core import precond
 from jaxdiff.core.precond import per_example
 
 
@@ -58,64 +60,27 @@ def ve_parameterization(*, sigma_min=0.02, sigma_max=100.0):
                                                            sigma_max=sigma_max))
 
 
-def x0_target(x_noisy, sigma, batch):
+def clean_image_target(x_noisy, sigma, batch):
     """The plain denoising target: the clean image y itself (EDM eq. 2)."""
     del x_noisy, sigma
     return batch['image']
 
 
-def stf_target(*, reference_size=None, reference_chunk_size=None):
-    """The stable target field (Xu et al. 2023, Eq. 3; `jaxdiff.core.stf.target`): sum_j softmax_j(-|x - y_j|^2 /
-    (2 sigma^2)) y_j over batch['reference'] [R, ...] (the minibatch's clean images, then R - B others, assembled by
-    `stf_reference`). It is an x0-space target, so EDM, VP and VE all regress D to it unchanged. Under jit the
-    arrays are global: every sample sees all R images however the batch is sharded. No gradient flows into it.
-
-    Hooks: the input pipeline fetches the R - B extra images (data stream 1) as batch['reference_extra'];
-    R >= the batch size and a multiple of the device count; under pmap the reference would be per device."""
-    if reference_size is None:
-        raise ValueError("loss.target='stf' needs loss.reference_size (R, the global reference batch size)")
-
-    def target(x_noisy, sigma, batch):
-        reference = batch.get('reference', batch['image'])      # absent when R = B: the minibatch alone
-        return stf.target(x_noisy, sigma, reference, chunk_size=reference_chunk_size)
-
-    def check(batch_size, num_devices, parallelism):
-        if not isinstance(reference_size, int) or reference_size < batch_size:
-            raise UserError(f'config.loss.reference_size={reference_size} must be an integer >= '
-                             f'training.batch_size={batch_size}: the STF reference batch holds the minibatch plus '
-                             f'R - B other images')
-        if reference_size % num_devices:
-            raise UserError(f'config.loss.reference_size={reference_size} is not divisible by the number of '
-                             f'devices ({num_devices}); use a multiple of {num_devices}')
-        if parallelism != 'jit':
-            raise UserError("config.loss.target='stf' needs training.parallelism='jit' (a global reference batch)")
-
-    def rows_for(batch_size):
-        return (Rows('reference_extra', reference_size - batch_size, stream=1),) if reference_size > batch_size \
-            else ()
-    return target, Hooks(rows=rows_for, prepare=stf_reference, check=check)
+def x0_target():
+    """loss.target='x0': `clean_image_target`, no hooks."""
+    return clean_image_target, Hooks()
 
 
-def stf_reference(batch, key, augment, step=None):
-    """STF's reference batch (jaxdiff.core.stf): batch['reference'] = the minibatch's (augmented) clean images, then the
-    R - B images of batch['reference_extra'] (data stream 1), augmented like training images, independently per
-    image. Their augmentation labels are dropped: the target is a weighted average of augmented clean images and
-    never reads labels (as in the authors' code, the weights ignore how each image was augmented)."""
-    del step
-    if 'reference_extra' not in batch:
-        return batch
-    extra = batch['reference_extra']
-    if augment is not None:
-        extra, _ = augment(jax.random.fold_in(key, 1), extra)
-    batch = {name: value for name, value in batch.items() if name != 'reference_extra'}
-    return {**batch, 'reference': jnp.concatenate([batch['image'], extra])}
-
-
-def independent_pairing(key, y, batch, params, networks):
+def independent_noise(key, y, batch, params, networks):
     """Noise drawn i.i.d. N(0, I), independent of the clean images y (EDM)."""
     del params, networks
     noise = lambda k, shape: jax.random.normal(k, shape, y.dtype)
     return draw_per_example(key, y.shape, noise, batch), 0.0, {}
+
+
+def independent_pairing():
+    """loss.pairing='independent': `independent_noise`, no hooks."""
+    return independent_noise, Hooks()
 
 
 # ---------------------------------------------------------------- hooks: what a method may ask of the loop
@@ -143,7 +108,9 @@ class Hooks(NamedTuple):
                       batch['image']
       prepare         (batch, key, augment, step) -> batch, after the minibatch and before the loss; the pieces'
                       preparations run in order (STF: assemble the reference batch); each augments what it adds
-      check           (batch_size, num_devices, parallelism) -> None; raises ValueError naming the config field
+      check           (batch_size, num_devices, parallelism, host_callbacks_in_step) -> None; raises ValueError
+                      naming the config field (host_callbacks_in_step: whether the placement can run a host
+                      callback inside the sharded step; train_step.Placement says)
       extra_networks  names of extra trainable networks (params[name], networks[name]; e.g. the Fast-ODE encoder)
     """
     rows: Optional[Callable] = None
@@ -173,11 +140,18 @@ def draw_per_example(key, shape, draw, batch):
     return draw(key, (batch['global_size'], *shape[1:]))[batch['index']]
 
 
-# Registries: name -> factory(**options) -> piece, or (piece, Hooks). Other modules add entries.
-PARAMETERIZATIONS = {'edm': edm_parameterization, 'vp': vp_parameterization, 've': ve_parameterization,
-                     'flow': flow.parameterization}
-TARGETS = {'x0': lambda: x0_target, 'stf': stf_target}
-PAIRINGS = {'independent': lambda: independent_pairing, 'aot': aot.aot_pairing, 'fastode': flow.fastode_pairing}
+# Registries: name -> 'module:factory', imported when chosen. factory(**options) -> a Parameterization
+# (PARAMETERIZATIONS) or (piece, Hooks) (TARGETS, PAIRINGS).
+PARAMETERIZATIONS = {'edm': 'jaxdiff.core.losses:edm_parameterization',
+                     'vp': 'jaxdiff.core.losses:vp_parameterization',
+                     've': 'jaxdiff.core.losses:ve_parameterization',
+                     'flow': 'jaxdiff.core.flow:parameterization'}
+TARGETS = {'x0': 'jaxdiff.core.losses:x0_target',
+           'stf': 'jaxdiff.core.stf:loss_target'}
+PAIRINGS = {'independent': 'jaxdiff.core.losses:independent_pairing',
+            'aot': 'jaxdiff.core.aot:aot_pairing',
+            'fastode': 'jaxdiff.core.flow:fastode_pairing'}
+REGISTRIES = {'parameterization': PARAMETERIZATIONS, 'target': TARGETS, 'pairing': PAIRINGS}
 
 
 class Pieces(NamedTuple):
@@ -199,7 +173,7 @@ class Loss(NamedTuple):
         return self.pieces.parameterization
 
     def make(self, networks):
-        return make_loss(networks, self.pieces, with_metrics=True)
+        return make_loss(networks, self.pieces)
 
     def prepare(self, batch, key, augment, step):
         """The step's batch: the minibatch hook (default: augment batch['image'] with `key`), then the
@@ -209,8 +183,8 @@ class Loss(NamedTuple):
             batch = self.hooks.prepare(batch, jax.random.fold_in(key, 1), augment, step)
         return batch
 
-    def check(self, *, batch_size, num_devices, parallelism='jit'):
-        self.hooks.check(batch_size, num_devices, parallelism)
+    def check(self, *, batch_size, num_devices, parallelism='jit', host_callbacks_in_step=True):
+        self.hooks.check(batch_size, num_devices, parallelism, host_callbacks_in_step)
 
     def rows(self, batch_size):
         return self.hooks.rows(batch_size)
@@ -244,10 +218,14 @@ def _options_of(factory):
     return {p.name for p in inspect.signature(factory).parameters.values() if p.kind == p.KEYWORD_ONLY}
 
 
-def _choose(registry, kind, name):
+def factory(kind, name):
+    """The factory registered as loss.`kind` (parameterization | target | pairing) `name`; ValueError for an unknown
+    name, listing the valid ones."""
+    registry = REGISTRIES[kind]
     if name not in registry:
         raise ValueError(f'unknown loss.{kind} {name!r}; valid choices: {", ".join(sorted(registry))}')
-    return registry[name]
+    module_name, attr = registry[name].split(':')
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def build(*, parameterization='edm', target='x0', pairing='independent', **options):
@@ -256,27 +234,26 @@ def build(*, parameterization='edm', target='x0', pairing='independent', **optio
     An option that no registered piece accepts is a typo and raises ValueError; an option that belongs to another
     choice (e.g. P_mean when parameterization='vp') is ignored, so one config can switch pieces from the command line.
     """
-    chosen = {'parameterization': _choose(PARAMETERIZATIONS, 'parameterization', parameterization),
-              'target': _choose(TARGETS, 'target', target),
-              'pairing': _choose(PAIRINGS, 'pairing', pairing)}
-    known = set().union(*(_options_of(f) for registry in (PARAMETERIZATIONS, TARGETS, PAIRINGS)
-                          for f in registry.values()))
-    unknown = sorted(set(options) - known)
-    if unknown:
-        raise ValueError(f'unknown loss option(s) {", ".join(unknown)}; valid options: {", ".join(sorted(known))}')
-    pieces, hooks = {}, []
-    for kind, factory in chosen.items():
-        piece = factory(**{k: v for k, v in options.items() if k in _options_of(factory)})
-        if isinstance(piece, tuple) and len(piece) == 2 and isinstance(piece[1], Hooks):
-            piece, piece_hooks = piece
-            hooks.append(piece_hooks)
-        pieces[kind] = piece
-    return Loss(Pieces(**pieces), _merge_hooks(hooks))
+    chosen = {kind: factory(kind, name) for kind, name in (('parameterization', parameterization),
+                                                           ('target', target), ('pairing', pairing))}
+    others = set(options) - set().union(*map(_options_of, chosen.values()))
+    if others:   # options of pieces not chosen, or typos: only these need every registered factory
+        known = set().union(*(_options_of(factory(kind, name)) for kind, registry in REGISTRIES.items()
+                              for name in registry))
+        unknown = sorted(others - known)
+        if unknown:
+            raise ValueError(f'unknown loss option(s) {", ".join(unknown)}; valid options: '
+                             f'{", ".join(sorted(known))}')
+    built = {kind: make(**{k: v for k, v in options.items() if k in _options_of(make)})
+             for kind, make in chosen.items()}
+    (target_piece, target_hooks), (pairing_piece, pairing_hooks) = built['target'], built['pairing']
+    return Loss(Pieces(built['parameterization'], target_piece, pairing_piece),
+                _merge_hooks([target_hooks, pairing_hooks]))
 
 
-def make_loss(networks, pieces, *, with_metrics=False):
-    """loss(params, batch, key) -> scalar, the weighted denoising loss (EDM eq. 8) plus any pairing penalty
-    (a tuple (scalar, metrics) when `with_metrics`).
+def make_loss(networks, pieces):
+    """loss(params, batch, key) -> (scalar, metrics): the weighted denoising loss (EDM eq. 8) plus any pairing
+    penalty, and the pairing's metrics (a dict of scalars, empty for most pairings).
 
     networks: network(params, x_in, c_noise, batch, key) -> F (the raw network on preconditioned input; it reads
     whatever conditioning it needs from the batch and draws dropout from key), or a dict of such functions with
@@ -303,5 +280,5 @@ def make_loss(networks, pieces, *, with_metrics=False):
         weight = pieces.parameterization.weight(sigma)
         y_target = pieces.target(x_noisy, sigma, batch)
         value = jnp.mean(per_example(weight, y) * (D - y_target) ** 2) + penalty
-        return (value, metrics) if with_metrics else value
+        return value, metrics
     return loss

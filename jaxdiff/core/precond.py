@@ -130,17 +130,3 @@ def ve_sigma(key, shape, *, sigma_min=0.02, sigma_max=100.0):
     """Training noise levels ln(sigma) ~ U(ln sigma_min, ln sigma_max)  (EDM Table 1, VE column)."""
     log_sigma = jax.random.uniform(key, shape, jnp.float32, minval=jnp.log(sigma_min), maxval=jnp.log(sigma_max))
     return jnp.exp(log_sigma)
-
-
-# ---------------------------------------------------------------- inverses of c_noise (networks that see only c_noise)
-
-def sigma_of_c_noise(parameterization, c_noise, *, beta_d=19.9, beta_min=0.1, M=1000):
-    """The sigma a network was given, from its c_noise input: inverts c_noise(sigma) of EDM Table 1
-    (EDM: ln(sigma) / 4; VE: ln(sigma / 2); VP: (M - 1) sigma^{-1}(sigma)). Analytic test networks use it."""
-    if parameterization == 'edm':
-        return jnp.exp(4 * c_noise)
-    if parameterization == 've':
-        return 2 * jnp.exp(c_noise)
-    if parameterization == 'vp':
-        return vp_sigma_of_t(c_noise / (M - 1), beta_d=beta_d, beta_min=beta_min)
-    raise ValueError(f'unknown parameterization {parameterization!r}; valid: edm, ve, vp')

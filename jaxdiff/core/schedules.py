@@ -16,6 +16,7 @@ points, so a grid has `num_steps + 1` entries and `num_steps` solver steps (EDM:
                  (DDIM, Song et al. 2021a, Eq. 12 rewritten in sigma-space).
 - 'flow_uniform' uniform in rectified-flow time t = sigma / (1 + sigma) from t(sigma_max) to t(sigma_min), then 0;
                  sigma_min None (default): uniform down to 0, the Fast-ODE authors' Euler grid (`flow.uniform_schedule`).
+- 'explicit'     the grid `sigmas=[...]` as given (validated, nothing appended).
 
 The grids are computed in NumPy float64 and returned as a jnp array of the default float dtype.
 """
@@ -130,8 +131,27 @@ def ddpm(*, num_steps=18, num_train_steps=1000, beta_start=1e-4, beta_end=0.02):
     return _finish(np.sqrt((1.0 - abar[timesteps]) / abar[timesteps]))
 
 
+def explicit(*, sigmas):
+    """A grid given point by point (`config.sampling.schedule=explicit`, `schedule_options.sigmas=[80, ..., 0.002]`):
+    returned as given (nothing appended), validated like every grid: 1-D, at least 2 points, finite, non-negative,
+    strictly decreasing."""
+    try:
+        grid = np.asarray(sigmas, np.float64)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'explicit: sigmas must be a list of numbers, got {sigmas!r}') from e
+    if grid.ndim != 1 or grid.shape[0] < 2:
+        raise ValueError(f'explicit: sigmas must be a 1-D grid with at least 2 points, got {sigmas!r}')
+    if not np.all(np.isfinite(grid)) or np.any(grid < 0):
+        raise ValueError(f'explicit: sigmas must be finite and non-negative, got {sigmas!r}')
+    if np.any(np.diff(grid) >= 0):
+        raise ValueError(f'explicit: sigmas must be strictly decreasing (sigmas[0] > ... > sigmas[-1]), '
+                         f'got {sigmas!r}')
+    return jnp.asarray(grid, dtype=jnp.result_type(float))
+
+
 _SCHEDULES = {'edm': edm, 'logsnr': logsnr, 'time_uniform': time_uniform, 'ddpm': ddpm,
-              'flow_uniform': flow.uniform_schedule}   # uniform in rectified-flow time t = sigma / (1 + sigma)
+              'flow_uniform': flow.uniform_schedule,   # uniform in rectified-flow time t = sigma / (1 + sigma)
+              'explicit': explicit}
 
 
 def names():

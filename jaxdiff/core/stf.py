@@ -16,12 +16,16 @@ reference it is the exact posterior mean of the data (`analytic.Empirical.denois
 sigma -> inf the reference mean. The target depends on the reference only as a set: the order of its rows is
 irrelevant (the SPEC's "first B rows are the minibatch" is the convention that guarantees y_i is in the set).
 
+The training loss uses it as a target piece (config.loss.target='stf'; jaxdiff.core.losses): `loss_target` builds
+it with its hooks, and `prepare_reference` assembles each step's reference batch.
+
 Everything here is pure and jittable; no Flax, no config, no I/O.
 """
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.core import analytic, precond
+from jaxdiff.core import analytic, losses, precond
+from jaxdiff.core.errors import UserError
 
 
 def _checked(x_noisy, sigma, reference):
@@ -75,3 +79,55 @@ def draw_reference_given_x(key, x_noisy, sigma, data, reference_size):
     rest = jax.random.randint(key_rest, (batch_size, reference_size - 1), 0, y.shape[0])     # [B, R-1]
     index = jnp.concatenate([own[:, None], rest], axis=1)
     return jnp.asarray(data)[index]
+
+
+# ---------------------------------------------------------------- the target as a piece of the training loss
+
+def loss_target(*, reference_size=None, reference_chunk_size=None):
+    """loss.target='stf' (`jaxdiff.core.losses`): (target, Hooks). The target is `target` (Eq. 3), sum_j
+    softmax_j(-|x - y_j|^2 / (2 sigma^2)) y_j over batch['reference'] [R, ...] (the minibatch's clean images, then
+    R - B others, assembled by `prepare_reference`). It is an x0-space target, so EDM, VP and VE all regress D to
+    it unchanged. Under jit the arrays are global: every sample sees all R images however the batch is sharded. No
+    gradient flows into it.
+
+    Hooks: the input pipeline fetches the R - B extra images (data stream 1) as batch['reference_extra'];
+    R >= the batch size and a multiple of the device count; under pmap the reference would be per device."""
+    if reference_size is None:
+        raise ValueError("loss.target='stf' needs loss.reference_size (R, the global reference batch size)")
+
+    def stable_target(x_noisy, sigma, batch):
+        reference = batch.get('reference', batch['image'])      # absent when R = B: the minibatch alone
+        return target(x_noisy, sigma, reference, chunk_size=reference_chunk_size)
+
+    def check(batch_size, num_devices, parallelism, host_callbacks_in_step):
+        del host_callbacks_in_step
+        if not isinstance(reference_size, int) or reference_size < batch_size:
+            raise UserError(f'config.loss.reference_size={reference_size} must be an integer >= '
+                            f'training.batch_size={batch_size}: the STF reference batch holds the minibatch plus '
+                            f'R - B other images')
+        if reference_size % num_devices:
+            raise UserError(f'config.loss.reference_size={reference_size} is not divisible by the number of '
+                            f'devices ({num_devices}); use a multiple of {num_devices}')
+        if parallelism != 'jit':
+            raise UserError("config.loss.target='stf' needs training.parallelism='jit' (a global reference batch)")
+
+    def rows_for(batch_size):
+        return (losses.Rows('reference_extra', reference_size - batch_size, stream=1),) \
+            if reference_size > batch_size else ()
+    return stable_target, losses.Hooks(rows=rows_for, prepare=prepare_reference, check=check)
+
+
+def prepare_reference(batch, key, augment, step=None):
+    """The reference batch of a training step (the prepare hook of `loss_target`): batch['reference'] = the
+    minibatch's (augmented) clean images, then the R - B images of batch['reference_extra'] (data stream 1),
+    augmented like training images, independently per image. Their augmentation labels are dropped: the target is
+    a weighted average of augmented clean images and never reads labels (as in the authors' code, the weights
+    ignore how each image was augmented)."""
+    del step
+    if 'reference_extra' not in batch:
+        return batch
+    extra = batch['reference_extra']
+    if augment is not None:
+        extra, _ = augment(jax.random.fold_in(key, 1), extra)
+    batch = {name: value for name, value in batch.items() if name != 'reference_extra'}
+    return {**batch, 'reference': jnp.concatenate([batch['image'], extra])}

@@ -37,27 +37,26 @@ Config fields (`config.data`; each feeds the argument of the same name of the se
   offset, variance                     two_gaussians (defaults 8.0, (3.0, 0.1)); see `synthetic`
 Unknown fields are a ValueError naming the field and listing the set's fields.
 Fields read by the training step, not here: `augment_p` (and any `augment_*` options of `jaxdiff.core.augment`).
+
+The sets' modules (cifar10, digits, synthetic) use the helpers below; this package imports none of them: `build`
+imports the one named, through the `module:constructor` table SETS.
 """
+import importlib
 import inspect
 
 import numpy as np
 
-NAMES = ('cifar10', 'digits', 'eight_gaussians', 'two_moons', 'checkerboard', 'gmm', 'two_gaussians')
+SETS = {'cifar10': 'cifar10:Cifar10', 'digits': 'digits:Digits', 'eight_gaussians': 'synthetic:eight_gaussians',
+        'two_moons': 'synthetic:TwoMoons', 'checkerboard': 'synthetic:Checkerboard', 'gmm': 'synthetic:gmm',
+        'two_gaussians': 'synthetic:TwoGaussians'}
+NAMES = tuple(SETS)
 # config.data fields that belong to other parts of the pipeline (the on-device augmentation in the train step).
 _FIELDS_USED_ELSEWHERE = ('name', 'augment_p')
 
 
 def _constructor(name):
-    if name == 'cifar10':
-        from jaxdiff.data import cifar10
-        return cifar10.Cifar10
-    if name == 'digits':
-        from jaxdiff.data import digits
-        return digits.Digits
-    from jaxdiff.data import synthetic
-    return {'eight_gaussians': synthetic.eight_gaussians, 'two_moons': synthetic.TwoMoons,
-            'checkerboard': synthetic.Checkerboard, 'gmm': synthetic.gmm,
-            'two_gaussians': synthetic.TwoGaussians}[name]
+    module_name, attr = SETS[name].split(':')
+    return getattr(importlib.import_module(f'{__name__}.{module_name}'), attr)
 
 
 def build(config):

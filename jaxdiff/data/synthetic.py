@@ -1,6 +1,6 @@
 """Synthetic sets with fresh samples every step: 2-D toys and Gaussian mixtures of any shape.
 
-Every batch draws the whole global batch from jax.random with key fold_in(fold_in(PRNGKey(seed), stream), step)
+Every batch draws the whole global batch from jax.random with key fold_in(fold_in(key(seed), stream), step)
 and keeps this host's rows, so the data does not depend on the number of hosts. Points are float32, unscaled.
   eight_gaussians  8 isotropic Gaussians (std `mode_std`) at radius `radius` on the angles 2 pi k / 8, k = 0..7,
                    mode k at (radius cos(2 pi k / 8), radius sin(2 pi k / 8)); label = most probable mode
@@ -44,7 +44,7 @@ class SyntheticSource:
 
     def batch(self, step, size, *, seed, stream=0, process_index=0, process_count=1):
         start, stop = data.host_slice(size, process_index, process_count)
-        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), stream), data.check_step(step))
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), stream), data.check_step(step))
         points, labels = self._sample_jit(key, size)
         return {'image': np.asarray(points[start:stop], np.float32),
                 'label': np.asarray(labels[start:stop], np.int32)}

@@ -2,15 +2,26 @@
 
 A checkpoint holds named items, each restorable alone: the training loop saves 'state' (the whole TrainState, to
 resume) and 'ema' (the EMA parameters and the model's fixed collections, all that sampling needs: restorable from
-the networks' shapes, without building an optimizer). Saves are asynchronous (the arrays are copied to host before
-`save` returns, so the training step may donate the state right after); call `wait_until_finished` before reading
-or exiting.
+the networks' shapes, without building an optimizer).
+
+Saves are asynchronous (orbax's async checkpointing): `save` copies the arrays to host memory and returns (so the
+training step may donate the state right after), a background thread writes them; the next `save` first waits for
+the previous write, `wait_until_finished` waits for the last. A write that fails in the background is one
+`CheckpointWriteFailed` line (naming the step, the path and the cause), raised by `raise_if_failed` (the loop asks
+after every step), by the next `save` or by `wait_until_finished`; orbax's own traceback of it is not printed.
+
+Commits are atomic (orbax's): a step is written to `checkpoints/<step>.orbax-checkpoint-tmp*` and renamed to
+`checkpoints/<step>` once complete (on a gs:// path, where there is no atomic rename, orbax writes a
+`commit_success.txt` marker last instead), and only committed steps are listed and restored. A process killed
+(kill -9) at any moment of a save leaves the committed steps and, at most, that uncommitted leftover: the next
+`Checkpoints` that may write removes it with one line.
 
 Reading is careful: a checkpoint that cannot be read (a truncated file, a half-written step) is skipped, with one
 line saying which and why, for the newest one that reads; none is ever deleted. A checkpoint whose arrays have
 other shapes than the config's model is not skipped (every older one would disagree too): that is a one-line
 error naming the array and both shapes.
 """
+import asyncio
 import logging
 import os
 import sys
@@ -22,23 +33,48 @@ from jaxdiff.core.errors import UserError
 
 
 ITEMS = ('state', 'ema')
+TEMPORARY_SUFFIX = '.orbax-checkpoint-tmp'   # orbax's name for a step directory being written
 
 
 def directory_of(workdir):
     return os.path.join(os.path.abspath(workdir), 'checkpoints')
 
 
-class Checkpoints:
-    """Saved when forced (the loop decides when), keeping the newest `keep_checkpoints`."""
+def uncommitted_saves(directory):
+    """Names of the entries of `directory` that orbax recognises as saves never committed (a temporary
+    `<step>.orbax-checkpoint-tmp*` directory; on gs:// a step without its commit marker); [] when there is none."""
+    if not os.path.isdir(directory):
+        return []
+    from orbax.checkpoint._src.path import temporary_paths   # orbax's own test, the one its cleanup applies
+    try:
+        found = asyncio.run(temporary_paths.all_temporary_paths(directory))
+    except Exception:   # a newer orbax: the name is enough on a file system
+        return sorted(name for name in os.listdir(directory) if TEMPORARY_SUFFIX in name)
+    return sorted(os.path.basename(str(path.get())) for path in found)
 
-    def __init__(self, workdir, *, keep_checkpoints=3, read_only=False):
+
+class Checkpoints:
+    """Saved when forced (the loop decides when), keeping the newest `keep_checkpoints`. asynchronous=False makes
+    `save` return only once the step is committed (benchmarks compare the two). Unless read_only, the leftovers of
+    an interrupted save are removed on creation, with one line on stderr (or `log`) from process 0."""
+
+    def __init__(self, workdir, *, keep_checkpoints=3, read_only=False, asynchronous=True, log=None):
         quiet_abandoned_reads()
+        quiet_reported_write_errors()
+        self.workdir = os.path.abspath(workdir)
         self.directory = directory_of(workdir)
+        self._writing = None    # the step of the last save, until it is known to be committed
+        leftovers = [] if read_only else uncommitted_saves(self.directory)
         options = ocp.CheckpointManagerOptions(max_to_keep=keep_checkpoints, create=not read_only,
-                                               read_only=read_only)
+                                               read_only=read_only, enable_async_checkpointing=asynchronous,
+                                               cleanup_tmp_directories=bool(leftovers))
         # handlers named up front, so the items' metadata (shapes) can be read before restoring
         handlers = {item: ocp.StandardCheckpointHandler() for item in ITEMS}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        if leftovers and jax.process_index() == 0:
+            (log or (lambda line: print(line, file=sys.stderr, flush=True)))(
+                f'removing {", ".join(leftovers)} in {self.directory}: the leftover of a save that was interrupted '
+                f'before its commit (the committed checkpoints are complete)')
 
     def latest_step(self):
         return self.manager.latest_step()
@@ -48,10 +84,24 @@ class Checkpoints:
 
     def save(self, step, state, *, force=True, **items):
         """Saves `state` (item 'state'; None: no 'state' item, e.g. an imported network has only 'ema') and the
-        other named `items` of ITEMS (ema=...) as step `step`."""
+        other named `items` of ITEMS (ema=...) as step `step`, in the background (after waiting for the previous
+        save; its failure is raised here)."""
         args = {**({'state': ocp.args.StandardSave(state)} if state is not None else {}),
                 **{name: ocp.args.StandardSave(item) for name, item in items.items()}}
-        return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+        with self._reporting_write_errors():
+            self.manager.wait_until_finished()
+        self._writing = int(step)
+        with self._reporting_write_errors():
+            return self.manager.save(int(step), args=ocp.args.Composite(**args), force=force)
+
+    def raise_if_failed(self):
+        """Raises CheckpointWriteFailed when the last save's background write has failed; returns at once while it
+        is still running or once it has succeeded."""
+        if self._writing is not None and not self.manager.is_saving_in_progress():
+            self.wait_until_finished()
+
+    def _reporting_write_errors(self):
+        return _WriteErrors(self)
 
     def restore(self, abstract, step=None, *, item='state'):
         """Item `item` of step `step` (default: the latest), with the shapes, dtypes and shardings of `abstract`
@@ -87,7 +137,10 @@ class Checkpoints:
         return None
 
     def wait_until_finished(self):
-        self.manager.wait_until_finished()
+        """Waits for the last save to be committed; CheckpointWriteFailed when its write failed."""
+        with self._reporting_write_errors():
+            self.manager.wait_until_finished()
+        self._writing = None
 
     def reload(self):
         """Re-reads the step directories (after `restore_latest(..., set_aside=True)` moved one away)."""
@@ -95,6 +148,35 @@ class Checkpoints:
 
     def close(self):
         self.manager.close()
+
+
+class _WriteErrors:
+    """Turns an exception of orbax's save machinery into one CheckpointWriteFailed line naming the step."""
+
+    def __init__(self, checkpoints):
+        self.checkpoints = checkpoints
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if error is None or isinstance(error, (UserError, KeyboardInterrupt)):
+            return False
+        checkpoints, step = self.checkpoints, self.checkpoints._writing
+        checkpoints._writing = None
+        what = f'checkpoint step {step} ({os.path.join(checkpoints.directory, str(step))})' if step is not None \
+            else f'a checkpoint in {checkpoints.directory}'
+        try:
+            latest = checkpoints.manager.latest_step()
+        except Exception:   # the directory itself may be what failed
+            latest = None
+        newest = 'none' if latest is None else os.path.join(checkpoints.directory, str(latest))
+        raise CheckpointWriteFailed(f'{what} could not be written: {type(error).__name__}: {_first_line(error)}; '
+                                    f'newest complete checkpoint: {newest}') from error
+
+
+class CheckpointWriteFailed(UserError):
+    """A checkpoint's (background) write failed: full disk, lost permissions, an unreachable bucket."""
 
 
 class ShapeMismatch(UserError):
@@ -130,7 +212,8 @@ def restore_latest(workdir, abstract, *, item='state', log=None, set_aside=False
                 errors.append(str(e))
                 older = [s for s in steps if s < step]
                 path = os.path.join(directory, str(step))
-                moved = f'; moved to {_set_aside(workdir, path)}' if set_aside else ''
+                # one process moves it (the others skip it the same way, whether or not it is still there)
+                moved = f'; moved to {_set_aside(workdir, path)}' if set_aside and jax.process_index() == 0 else ''
                 log(f'skipping checkpoint {path} (unreadable: {_first_line(e.__cause__ or e)[:160]}){moved}; '
                     + (f'trying {os.path.join(directory, str(older[-1]))}' if older else 'no older checkpoint'))
         raise UserError(f'no readable checkpoint in {directory}: {errors[0]}' if len(errors) == 1 else
@@ -171,6 +254,22 @@ def quiet_abandoned_reads():
     hook.drops_abandoned_reads = True
     sys.unraisablehook = hook
     logging.getLogger('asyncio').addFilter(_AbandonedTaskFilter())
+
+
+class _ReportedWriteErrorFilter(logging.Filter):
+    """Drops orbax's ERROR records that carry a traceback (a failed background write, logged from its thread):
+    `Checkpoints` reports the failure itself, as one line."""
+
+    def filter(self, record):
+        return not (record.levelno >= logging.ERROR and record.exc_info and
+                    f'{os.sep}orbax{os.sep}checkpoint{os.sep}' in (record.pathname or ''))
+
+
+def quiet_reported_write_errors():
+    """Installs `_ReportedWriteErrorFilter` on absl's logger (which orbax logs through), once per process."""
+    logger = logging.getLogger('absl')
+    if not any(isinstance(f, _ReportedWriteErrorFilter) for f in logger.filters):
+        logger.addFilter(_ReportedWriteErrorFilter())
 
 
 def _set_aside(workdir, path):

@@ -73,13 +73,20 @@ def accuracy_of(model, params, images, labels):
     return float(np.mean(np.asarray(jnp.argmax(logits, axis=-1)) == np.asarray(labels)))
 
 
+def classifier_features(model, params, images):
+    """The classifier's penultimate-layer features [B, feature_dim] of images (sown by `DigitsClassifier`)."""
+    _, state = model.apply({'params': params}, images, mutable=['intermediates'])
+    (features,) = state['intermediates']['penultimate']
+    return features
+
+
 class DigitsMetric:
     """digits FD / KID against the digits training set, in the features of a classifier trained at `resolution`."""
 
     def __init__(self, resolution=16, seed=0, verbose=True):
         self.resolution = resolution
         self.model, self.params, self.test_accuracy = train_classifier(resolution, seed, verbose=verbose)
-        self._features = jax.jit(lambda params, x: self.model.apply({'params': params}, x, return_features=True)[1])
+        self._features = jax.jit(functools.partial(classifier_features, self.model))
         shape = (resolution, resolution, 1)
         self.feature_scale = 1.0
         train_features = self.features(digits_data.Digits(shape=shape, split='train').images)

@@ -1,26 +1,19 @@
-"""The discriminator of discriminator guidance (Kim, Kim, Kwon, Kang, Moon, ICML 2023): its training on real vs
-generated samples perturbed in sigma-space (what `--mode=train_discriminator` runs), its checkpoints, and loading
-it for guided sampling (`config.sampling.guidance`, read by `jaxdiff.drivers.generate.Generator`).
+"""Training the discriminator of discriminator guidance (Kim, Kim, Kwon, Kang, Moon, ICML 2023) on real vs
+generated samples (what `--mode=train_discriminator` runs): config.discriminator, the data, the network on its
+inputs, and the trainer on the loop of `jaxdiff.drivers.loop`. The perturbation, the loss and the pure steps are
+`jaxdiff.core.discriminator`'s; loading a trained discriminator for guided sampling is
+`jaxdiff.drivers.discriminator_guidance`'s.
 
-Training, as the authors' train.py does it, in EDM's sigma-space (x = x0 + sigma z):
+As the authors' train.py does it, in EDM's sigma-space (x = x0 + sigma z):
   data       real rows (target 1) from config.data, stream 0, and the trained model's own unguided samples
              (target 0, WORKDIR/generated.npz); each batch of B holds B/2 of each (the authors shuffle one pool of
              both, which balances them in expectation). Step s reads real rows [s B/2, (s+1) B/2) of the data
              order and generated rows [s B/2, (s+1) B/2) of their epoch permutations (data.sequence_indices).
-  sigma      per example, by config.discriminator.perturbation:
-               'vp_importance'  the authors' importance sampling: VP time t with density proportional to
-                                beta(t) / sigma_vp(t)^2 on [epsilon_t, 1] (beta(t) = beta_min + beta_d t,
-                                sigma_vp(t)^2 = 1 - exp(-B(t)), B(t) = int_0^t beta), sigma = precond.vp_sigma_of_t(t)
-                                (`vp_importance_sigma`: in closed form, ln sigma is uniform)
-               'lognormal'      EDM's ln sigma ~ N(P_mean, P_std^2) (precond.edm_sigma)
-  noise      z ~ N(0, I) independent of the images ('independent'), or paired to them by AOT's exact assignment
-             ('aot', Kim et al. 2024; how AOT pairing enters discriminator training is not public, so this is a
-             choice): one assignment of the batch's real half to B/2 fresh noises and one of its generated half to
-             B/2 others (`aot.pair_pool`: min sum ||x0_i - z_perm(i)||, before sigma scaling), so neither side's
-             noise depends on the other side and the two classes are perturbed alike. The pairing changes the
-             perturbed distributions (z is no longer independent of x0), for real and generated alike, so d
-             learns the log ratio of the paired-perturbed marginals; benchmarks/dg_*.py measure what that does.
-  loss       binary cross-entropy of the logit d(x, sigma) against the target
+  sigma, noise, loss    config.discriminator.perturbation ('vp_importance' | 'lognormal') and pairing
+             ('independent' | 'aot'; how AOT pairing enters discriminator training is not public, so this is a
+             choice): `jaxdiff.core.discriminator`. The pairing changes the perturbed distributions (z is no longer
+             independent of x0), for real and generated alike, so d learns the log ratio of the paired-perturbed
+             marginals; benchmarks/dg_*.py measure what that does.
   optimizer  Adam, lr 3e-4, weight decay 1e-7 as torch's Adam(weight_decay=...) applies it: L2 added to the
              gradient before the moments (optax.add_decayed_weights then optax.adam; optax.adamw would be the
              decoupled AdamW instead); batch 128
@@ -33,16 +26,10 @@ mesh, the draws are made for the global batch). Held-out accuracy: real held-out
 'test' where the set has splits, else fresh rows of another stream) and generated samples not trained on, each
 perturbed by a fixed draw of the training distribution with independent noise.
 
-Checkpoints: items 'state' (DiscriminatorState, to resume) and 'ema' ({'params': {'discriminator': ...},
-'model_state': {}}: what sampling reads; the discriminator is not averaged, the item has the trainer's layout);
-WORKDIR/discriminator.json holds the network and features, so guidance needs the workdir alone.
-
-Guidance (config.sampling.guidance = dict(discriminator_workdir, weight, sigma_min, sigma_max,
-first_evaluation_only, boosting)): `guidance_from_config` -> (wrap, sampler) for the Generator: wrap makes
-`guidance.discriminator_guided(D, logit_fn, weight, sigma_min, sigma_max)`; with EDM's Heun and
-first_evaluation_only or boosting the sampler becomes 'heun_dg' (the authors' sampler, samplers/guided.py), every
-other sampler runs on the guided denoiser at each of its evaluations. Samplers that do not count their
-discriminator-gradient calls get them counted on a probe (`guidance.window_calls`).
+Checkpoints: items 'state' (DiscriminatorState, to resume) and 'ema' (`sampling_item`: {'params':
+{'discriminator': ...}, 'model_state': {}}, what guidance reads; the discriminator is not averaged, the item has
+the trainer's layout); WORKDIR/discriminator.json holds the network and features, so guidance needs the workdir
+alone.
 """
 import json
 import math
@@ -54,21 +41,18 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxdiff.core import aot, coupling, guidance, precond, samplers
 from jaxdiff import data as data_lib
-from jaxdiff.drivers import mesh as mesh_lib
-from jaxdiff.drivers import checkpoint as checkpoint_lib
-from jaxdiff.drivers import logger as logger_lib
+from jaxdiff.core import coupling, discriminator as math_lib
 from jaxdiff.core.errors import UserError
+from jaxdiff.core.samplers import common
+from jaxdiff.drivers import checkpoint as checkpoint_lib
+from jaxdiff.drivers import config_check, logger as logger_lib, loop, mesh as mesh_lib, train_step as train_step_lib
 from jaxdiff.models import discriminator as discriminator_lib
-from jaxdiff.core.samplers import common, guided
 
 SETTINGS_FILE = 'discriminator.json'
 GENERATED_FILE = 'generated.npz'
 GENERATED_STREAM = 7          # data.sequence_indices stream of the generated rows' epoch permutations
 HELDOUT_STREAM = 8            # real held-out rows of a set without a 'test' split (synthetic sets: fresh samples)
-PERTURBATIONS = ('vp_importance', 'lognormal')
-PAIRINGS = ('independent', 'aot')
 FEATURES = ('none', 'bottleneck')
 
 # config.discriminator: field -> default (configs/*_dg.py list them all)
@@ -86,46 +70,51 @@ FIELDS = dict(
     batch_size=128, num_steps=4_000, lr=3e-4, weight_decay=1e-7, seed=0,
     log_every_steps=100, eval_every_steps=500, checkpoint_every_steps=1_000, keep_checkpoints=2,
 )
-# NumPy in (precond's rule): a module import must not start JAX's backend (jax.distributed.initialize comes later)
-GUIDANCE_FIELDS = dict(discriminator_workdir=None, weight=2.0,
-                       sigma_min=float(precond.vp_sigma_of_t(np.float64(0.01))), sigma_max=float('inf'),
-                       first_evaluation_only=True, boosting=False)
+TABLE = {
+    'model_workdir': config_check.ANY, 'network': config_check.ANY, 'features': config_check.choice(*FEATURES),
+    'perturbation': config_check.choice(*math_lib.PERTURBATIONS),
+    'beta_min': config_check.number(), 'beta_d': config_check.number(0.0, open_lower=True),
+    'epsilon_t': config_check.number(0.0, 1.0, open_lower=True, open_upper=True),
+    'P_mean': config_check.number(), 'P_std': config_check.number(0.0, open_lower=True),
+    'pairing': config_check.choice(*math_lib.PAIRINGS), 'coupling_method': config_check.choice(*coupling.METHODS),
+    'coupling_cost': config_check.choice(*coupling.COSTS),
+    'coupling_solver': config_check.choice(*coupling.EXACT_SOLVERS), 'per_class': config_check.FLAG,
+    'num_generated': config_check.integer(1), 'num_heldout': config_check.integer(0),
+    'generated_path': config_check.ANY, 'batch_size': config_check.integer(2), 'num_steps': config_check.integer(1),
+    'lr': config_check.number(0.0, open_lower=True), 'weight_decay': config_check.number(0.0),
+    'seed': config_check.integer(0), 'log_every_steps': config_check.integer(1),
+    'eval_every_steps': config_check.integer(1), 'checkpoint_every_steps': config_check.integer(1),
+    'keep_checkpoints': config_check.integer(1),
+}
 
 
 # ---------------------------------------------------------------- settings
 
 def settings_of(config):
-    """config.discriminator with the defaults filled in; one-line UserErrors naming a bad field."""
-    if 'discriminator' not in config:
-        raise UserError('config.discriminator is missing (see configs/toy2d_dg.py)')
-    given = dict(config.discriminator)
-    unknown = sorted(set(given) - set(FIELDS))
-    if unknown:
-        raise UserError(f'config.discriminator has no field {unknown[0]}; valid fields: {", ".join(sorted(FIELDS))}')
-    s = {**FIELDS, **given}
-    for field, valid in (('features', FEATURES), ('perturbation', PERTURBATIONS), ('pairing', PAIRINGS),
-                         ('coupling_method', coupling.METHODS), ('coupling_cost', coupling.COSTS),
-                         ('coupling_solver', coupling.EXACT_SOLVERS)):
-        if s[field] not in valid:
-            raise UserError(f'config.discriminator.{field}={s[field]!r}; valid choices: {", ".join(valid)}')
-    for field in ('num_generated', 'num_heldout', 'batch_size', 'num_steps', 'log_every_steps', 'eval_every_steps',
-                  'checkpoint_every_steps', 'keep_checkpoints'):
-        value = s[field]
-        if isinstance(value, bool) or not isinstance(value, int) or value < (0 if field == 'num_heldout' else 1):
-            raise UserError(f'config.discriminator.{field}={value!r} must be a positive integer')
+    """config.discriminator (checked against TABLE) with the defaults filled in; one-line UserErrors naming a bad
+    field."""
+    s = config_check.section(config, 'discriminator', TABLE, FIELDS,
+                             missing='config.discriminator is missing (see configs/toy2d_dg.py)')
     if s['batch_size'] % 2:
         raise UserError(f'config.discriminator.batch_size={s["batch_size"]} must be even (half real, half generated)')
-    for field in ('lr', 'P_std', 'beta_d', 'epsilon_t'):
-        if not s[field] > 0:
-            raise UserError(f'config.discriminator.{field}={s[field]!r} must be > 0')
-    if not s['weight_decay'] >= 0 or not 0 < s['epsilon_t'] < 1:
-        raise UserError(f'config.discriminator.weight_decay={s["weight_decay"]!r} must be >= 0 and epsilon_t='
-                        f'{s["epsilon_t"]!r} in (0, 1)')
     if not s['network'] or 'name' not in dict(s['network']):
         raise UserError('config.discriminator.network must name a network: dict(name=\'head\' | \'mlp\', ...)')
     s['network'] = dict(s['network'])
     return s
 
+
+def sigma_sampler(s):
+    """(key, shape) -> sigma of config.discriminator's perturbation."""
+    return math_lib.sigma_sampler(s['perturbation'], beta_d=s['beta_d'], beta_min=s['beta_min'],
+                                  epsilon_t=s['epsilon_t'], P_mean=s['P_mean'], P_std=s['P_std'])
+
+
+def coupling_options(s):
+    return dict(method=s['coupling_method'], cost=s['coupling_cost'], per_class=s['per_class'],
+                exact_solver=s['coupling_solver'])
+
+
+# ---------------------------------------------------------------- the network on its inputs
 
 def _network(fields):
     fields = dict(fields)
@@ -135,55 +124,17 @@ def _network(fields):
         raise UserError(f'config.discriminator.network: {e}') from e
 
 
-# ---------------------------------------------------------------- the perturbation
+def discriminator_of(settings):
+    """The Discriminator described by a workdir's discriminator.json (network fields, features, label_dim)."""
+    network_fields = settings['network']
+    return Discriminator(_network(network_fields), settings['features'],
+                         int(network_fields.get('label_dim', 0) or 0))
 
-def vp_importance_sigma(key, shape, *, beta_d=19.9, beta_min=0.1, epsilon_t=1e-5):
-    """sigma = sigma(t) for VP time t drawn with density p(t) proportional to beta(t) / sigma_vp(t)^2 on
-    [epsilon_t, 1] (the DG authors' importance sampling of t, their `get_diffusion_time(importance_sampling=True)`).
-
-    With B(t) = beta_min t + beta_d t^2 / 2 and sigma_vp(t)^2 = 1 - exp(-B(t)), beta(t) / sigma_vp(t)^2 =
-    d/dt ln(exp(B(t)) - 1) = d/dt ln sigma(t)^2 for EDM's VP sigma(t) = sqrt(exp(B(t)) - 1) (Table 1), so the CDF
-    is linear in ln sigma(t): ln sigma ~ U(ln sigma(epsilon_t), ln sigma(1)) exactly (the authors invert the CDF by
-    bisection)."""
-    low, high = (jnp.log(precond.vp_sigma_of_t(jnp.float32(t), beta_d=beta_d, beta_min=beta_min))
-                 for t in (epsilon_t, 1.0))
-    return jnp.exp(jax.random.uniform(key, shape, jnp.float32, minval=low, maxval=high))
-
-
-def sigma_sampler(s):
-    """(key, shape) -> sigma of config.discriminator.perturbation."""
-    if s['perturbation'] == 'lognormal':
-        return lambda key, shape: precond.edm_sigma(key, shape, P_mean=s['P_mean'], P_std=s['P_std'])
-    return lambda key, shape: vp_importance_sigma(key, shape, beta_d=s['beta_d'], beta_min=s['beta_min'],
-                                                  epsilon_t=s['epsilon_t'])
-
-
-def perturb(key, batch, *, sigma_fn, pairing='independent', coupling_options=None):
-    """(x, sigma, target, labels) of a batch {'real', 'real_label', 'generated', 'generated_label'} (B/2 rows
-    each): x = x0 + sigma z over the concatenation [real; generated], target 1 for real rows, 0 for generated.
-    pairing 'aot': z paired to each half by AOT's assignment (module docstring)."""
-    real, generated = batch['real'], batch['generated']
-    images = jnp.concatenate([real, generated])
-    labels = jnp.concatenate([batch['real_label'], batch['generated_label']])
-    target = jnp.concatenate([jnp.ones(real.shape[:1]), jnp.zeros(generated.shape[:1])])
-    sigma_key, noise_key = jax.random.split(key)
-    sigma = sigma_fn(sigma_key, images.shape[:1])
-    if pairing == 'independent':
-        z = jax.random.normal(noise_key, images.shape, images.dtype)
-    else:
-        options = dict(coupling_options or {})
-        real_key, generated_key = jax.random.split(noise_key)
-        z = jnp.concatenate([aot.pair_pool(real_key, real, batch['real_label'], **options)['noise'],
-                             aot.pair_pool(generated_key, generated, batch['generated_label'], **options)['noise']])
-    return images + precond.per_example(sigma, images) * z, sigma, target, labels
-
-
-# ---------------------------------------------------------------- the network on its inputs
 
 def bottleneck_features(denoiser):
     """(x, sigma) -> the denoiser's encoder bottleneck (its with_aux aux['bottleneck']), differentiable in x."""
     def features_fn(x, sigma):
-        _, aux = common.call_denoiser(denoiser, x, sigma, with_aux=True)
+        _, aux = common.call_with_aux(denoiser, x, sigma)
         if 'bottleneck' not in aux:
             raise UserError("config.discriminator.features='bottleneck' needs a model that exposes its bottleneck "
                             "(Denoiser.with_aux); use features='none'")
@@ -194,7 +145,8 @@ def bottleneck_features(denoiser):
 class Discriminator(NamedTuple):
     """A discriminator network on its inputs: x itself, or the frozen denoiser's features.
 
-    denoiser_fn(frozen_variables, class_labels) -> D (jaxdiff.drivers.generate.Trained.denoiser_fn); None for 'none'."""
+    denoiser_fn(frozen_variables, class_labels) -> D (jaxdiff.drivers.trained.Trained.denoiser_fn); None for
+    'none'."""
     network: Any
     features: str
     label_dim: int
@@ -229,68 +181,19 @@ class Discriminator(NamedTuple):
         return self.network.init(key, jnp.zeros((1, *input_shape)), jnp.ones((1,)), class_labels)['params']
 
 
-# ---------------------------------------------------------------- one step
-
-class DiscriminatorState(NamedTuple):
-    step: Any          # int32 scalar
-    params: Any
-    opt_state: Any
-
+# ---------------------------------------------------------------- the optimizer
 
 def make_optimizer(*, lr, weight_decay):
     """torch.optim.Adam(lr, weight_decay) (the authors'): g + weight_decay * p, then Adam (0.9, 0.999, 1e-8)."""
     return optax.chain(optax.add_decayed_weights(weight_decay), optax.adam(lr, b1=0.9, b2=0.999, eps=1e-8))
 
 
-def root_keys(seed):
-    """(init_key, step_key, eval_key); step s draws from fold_in(step_key, s)."""
-    return tuple(jax.random.split(jax.random.key(seed), 3))
-
-
-def zero_metrics():
-    return {'loss_sum': jnp.zeros((), jnp.float32), 'accuracy_sum': jnp.zeros((), jnp.float32),
-            'num_steps': jnp.zeros((), jnp.int32)}
-
-
-def bce(logits, target):
-    return optax.sigmoid_binary_cross_entropy(logits, target)
-
-
-def make_train_step(discriminator, optimizer, *, seed, sigma_fn, pairing='independent', coupling_options=None):
-    """train_step(state, metrics, frozen, batch) -> (state, metrics); pure, to be jitted. frozen: the trained
-    model's EMA item (the features' network), untouched."""
-    _, step_key, _ = root_keys(seed)
-
-    def train_step(state, metrics, frozen, batch):
-        perturb_key, dropout_key = jax.random.split(jax.random.fold_in(step_key, state.step))
-        x, sigma, target, labels = perturb(perturb_key, batch, sigma_fn=sigma_fn, pairing=pairing,
-                                           coupling_options=coupling_options)
-        inputs = jax.lax.stop_gradient(discriminator.inputs(frozen, x, sigma, labels))
-
-        def loss_fn(params):
-            logits = discriminator.logit(params, inputs, sigma, labels, train=True, key=dropout_key)
-            return jnp.mean(bce(logits, target)), jnp.mean((logits > 0) == (target > 0.5))
-
-        (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        state = DiscriminatorState(state.step + 1, optax.apply_updates(state.params, updates), opt_state)
-        metrics = {'loss_sum': metrics['loss_sum'] + loss, 'accuracy_sum': metrics['accuracy_sum'] + accuracy,
-                   'num_steps': metrics['num_steps'] + 1}
-        return state, metrics
-    return train_step
-
-
-def make_eval_step(discriminator, *, sigma_fn):
-    """eval_step(params, frozen, key, batch) -> sums over the valid rows: correct real, correct generated, BCE."""
-    def eval_step(params, frozen, key, batch):
-        x, sigma, target, labels = perturb(key, batch, sigma_fn=sigma_fn)
-        logits = discriminator.logit(params, discriminator.inputs(frozen, x, sigma, labels), sigma, labels)
-        valid = jnp.concatenate([batch['real_valid'], batch['generated_valid']])
-        correct = ((logits > 0) == (target > 0.5)) & valid
-        half = batch['real'].shape[0]
-        return {'real_correct': jnp.sum(correct[:half]), 'generated_correct': jnp.sum(correct[half:]),
-                'bce_sum': jnp.sum(jnp.where(valid, bce(logits, target), 0.0))}
-    return eval_step
+def make_update(optimizer):
+    """update(grads, opt_state, params) -> (params, opt_state): one step of `optimizer` (core's step builders)."""
+    def update(grads, opt_state, params):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+    return update
 
 
 # ---------------------------------------------------------------- data
@@ -337,12 +240,7 @@ def eval_batches(real, generated, half):
     return [{k: v[i * half:(i + 1) * half] for k, v in both.items()} for i in range(num_chunks)]
 
 
-# ---------------------------------------------------------------- the loop
-
-def _compile(mesh, fn, num_replicated, donate=()):
-    replicated, sharded = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-    return jax.jit(fn, in_shardings=(replicated,) * num_replicated + (sharded,), donate_argnums=donate)
-
+# ---------------------------------------------------------------- the trainer
 
 def describe(s, input_shape, model_workdir=None, model_step=None):
     """WORKDIR/discriminator.json: what loading the discriminator needs, and how it was trained."""
@@ -353,32 +251,38 @@ def describe(s, input_shape, model_workdir=None, model_step=None):
                                             'weight_decay', 'seed')})
 
 
+def sampling_item(params):
+    """The 'ema' item of a discriminator checkpoint (the trainer's layout): what guidance restores."""
+    return {'params': {'discriminator': params}, 'model_state': {}}
+
+
 def train(config, workdir, *, real_source, heldout, generated, frozen=None, denoiser_fn=None, mesh=None,
-          model_step=None, should_stop=lambda: False):
+          model_step=None):
     """Trains (or resumes) the discriminator of config.discriminator in `workdir`; returns the final
     DiscriminatorState. real_source: a jaxdiff.data source; heldout: {'real': {'image', 'label'}, 'generated':
     {...}}; generated: {'image', 'label'} trained on; frozen / denoiser_fn: the trained model (for 'bottleneck'
-    features); should_stop() -> True saves and stops (SIGTERM)."""
+    features). SIGTERM/SIGINT save and stop (`loop.run`)."""
     s = settings_of(config)
+    sample_shape = tuple(config.data.shape)
     mesh = mesh_lib.make_mesh() if mesh is None else mesh
+    placement = train_step_lib.parallel('jit', mesh)
     half = s['batch_size'] // 2
-    if half % mesh.devices.size or half % jax.process_count():
+    if half % placement.num_devices or half % jax.process_count():
         raise UserError(f'config.discriminator.batch_size={s["batch_size"]}: each half ({half}) must split over '
-                        f'the {mesh.devices.size} devices; use a multiple of {2 * mesh.devices.size}')
+                        f'the {placement.num_devices} devices; use a multiple of {2 * placement.num_devices}')
     label_dim = int(s['network'].get('label_dim', 0) or 0)
     if s['features'] == 'bottleneck' and denoiser_fn is None:
         raise UserError("config.discriminator.features='bottleneck' needs the trained model "
                         '(config.discriminator.model_workdir)')
     discriminator = Discriminator(_network(s['network']), s['features'], label_dim, denoiser_fn)
     frozen = {} if s['features'] == 'none' else frozen
-    sample_shape = tuple(config.data.shape)
     input_shape = discriminator.input_shape(frozen, sample_shape)
     optimizer = make_optimizer(lr=s['lr'], weight_decay=s['weight_decay'])
-    init_key, _, eval_key = root_keys(s['seed'])
+    init_key, _, eval_key = math_lib.root_keys(s['seed'])
 
     def init_state(key):
         params = discriminator.init(key, input_shape)
-        return DiscriminatorState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+        return math_lib.DiscriminatorState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
 
     is_main = jax.process_index() == 0
     if is_main:
@@ -387,51 +291,45 @@ def train(config, workdir, *, real_source, heldout, generated, frozen=None, deno
             json.dump(describe(s, input_shape, s['model_workdir'], model_step), f, indent=1)
     checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=s['keep_checkpoints'])
     try:
-        if checkpoints.latest_step() is not None:
-            abstract = checkpoint_lib.abstract_like(jax.eval_shape(init_state, init_key), mesh_lib.replicated(mesh))
-            step, state = checkpoint_lib.restore_latest(workdir, abstract, set_aside=True)
-            checkpoints.reload()
-            print(f'resuming from {checkpoints.directory}/{step}', flush=True)
-        else:
-            state = jax.jit(init_state, out_shardings=mesh_lib.replicated(mesh))(init_key)
-        return _loop(s, workdir, discriminator, optimizer, state, checkpoints, mesh, frozen, real_source, heldout,
-                     generated, eval_key, is_main, should_stop)
+        abstract = checkpoint_lib.abstract_like(jax.eval_shape(init_state, init_key), mesh_lib.replicated(mesh))
+        start, state = loop.restore_or_init(
+            checkpoints, abstract, lambda: jax.jit(init_state, out_shardings=mesh_lib.replicated(mesh))(init_key))
+        return _train(s, discriminator, optimizer, state, start, checkpoints, placement, frozen, real_source,
+                      heldout, generated, eval_key, is_main)
     finally:
         checkpoints.wait_until_finished()
         checkpoints.close()
 
 
-def _loop(s, workdir, discriminator, optimizer, state, checkpoints, mesh, frozen, real_source, heldout, generated,
-          eval_key, is_main, should_stop):
+def _train(s, discriminator, optimizer, state, start, checkpoints, placement, frozen, real_source, heldout,
+           generated, eval_key, is_main):
+    workdir = checkpoints.workdir
     sigma_fn = sigma_sampler(s)
-    coupling_options = dict(method=s['coupling_method'], cost=s['coupling_cost'], per_class=s['per_class'],
-                            exact_solver=s['coupling_solver'])
-    train_step = _compile(mesh, make_train_step(discriminator, optimizer, seed=s['seed'], sigma_fn=sigma_fn,
-                                                pairing=s['pairing'], coupling_options=coupling_options),
-                          3, donate=(0, 1))
-    eval_step = _compile(mesh, make_eval_step(discriminator, sigma_fn=sigma_fn), 3)
-    eval_step_of = lambda params, batch, index: eval_step(params, frozen, jax.random.fold_in(eval_key, index), batch)
-    reset = jax.jit(zero_metrics, out_shardings=mesh_lib.replicated(mesh))
-    metrics = reset()
+    train_step = placement.jit(
+        math_lib.make_train_step(discriminator, make_update(optimizer), seed=s['seed'], sigma_fn=sigma_fn,
+                                 pairing=s['pairing'], coupling_options=coupling_options(s)),
+        num_replicated=3, donate=(0, 1))
+    eval_step = placement.jit(math_lib.make_eval_step(discriminator, sigma_fn=sigma_fn), num_replicated=3)
+    reset = placement.jit_replicated(math_lib.zero_metrics)
     make_batch = make_batch_fn(real_source, generated['image'], generated['label'], batch_size=s['batch_size'],
                                seed=s['seed'])
     half = s['batch_size'] // 2
     chunks = eval_batches(heldout['real'], heldout['generated'], half) if s['num_heldout'] else []
     num_steps = s['num_steps']
-    start = int(jax.device_get(state.step))
     count = sum(x.size for x in jax.tree.leaves(state.params))
     print(f'discriminator ({s["network"]["name"]}, {s["features"]} features, {count:,} parameters): steps '
           f'{start}..{num_steps}, batch {s["batch_size"]} (half real, half generated of {len(generated["image"])}), '
-          f'{s["perturbation"]} sigma, {s["pairing"]} noise, on {mesh.devices.size} device(s), in {workdir}',
+          f'{s["perturbation"]} sigma, {s["pairing"]} noise, on {placement.num_devices} device(s), in {workdir}',
           flush=True)
     log = logger_lib.Logger(workdir, total_steps=num_steps, batch_size=s['batch_size'], enabled=is_main)
 
-    def evaluate(done):
+    def evaluate(params, done):
         rows = slice(*data_lib.host_slice(half, jax.process_index(), jax.process_count()))
         totals = {'real_correct': 0, 'generated_correct': 0, 'bce_sum': 0.0}
         for index, chunk in enumerate(chunks):
             local = {k: v[rows] for k, v in chunk.items()}
-            out = jax.device_get(eval_step_of(state.params, mesh_lib.global_batch(local, mesh), index))
+            out = jax.device_get(eval_step(params, frozen, jax.random.fold_in(eval_key, index),
+                                           placement.put_batch(local)))
             for name in totals:
                 totals[name] += out[name]
         num_real, num_generated = len(heldout['real']['image']), len(heldout['generated']['image'])
@@ -446,39 +344,31 @@ def _loop(s, workdir, discriminator, optimizer, state, checkpoints, mesh, frozen
                   f'{result["heldout_accuracy_real"]:.4f} of {num_real}, generated '
                   f'{result["heldout_accuracy_generated"]:.4f} of {num_generated}), BCE {result["heldout_bce"]:.4f}',
                   flush=True)
-        return result
 
-    in_flight = mesh_lib.max_steps_in_flight(mesh)
+    def on_due(carry, done, due):
+        state, metrics = carry
+        if 'log' in due:
+            fetched = jax.device_get(metrics)
+            num = max(int(fetched['num_steps']), 1)
+            log.progress(done, {'loss': fetched['loss_sum'] / num, 'accuracy': fetched['accuracy_sum'] / num})
+            metrics = reset()
+        if 'evaluate' in due:
+            evaluate(state.params, done)
+        return state, metrics
+
     try:
-        for step in range(start, num_steps):
-            state, metrics = train_step(state, metrics, frozen, mesh_lib.global_batch(make_batch(step), mesh))
-            done = step + 1
-            if step == start:
-                jax.block_until_ready(state)
-                log.start(done)
-            elif in_flight and done % in_flight == 0:
-                jax.block_until_ready(state)
-            stop = should_stop()
-            last = done == num_steps or stop
-            if done % s['log_every_steps'] == 0 or last:
-                fetched = jax.device_get(metrics)
-                num = max(int(fetched['num_steps']), 1)
-                log.progress(done, {'loss': fetched['loss_sum'] / num, 'accuracy': fetched['accuracy_sum'] / num})
-                metrics = reset()
-            if chunks and (done % s['eval_every_steps'] == 0 or last):
-                evaluate(done)
-            if done % s['checkpoint_every_steps'] == 0 or last:
-                checkpoints.save(done, state, ema=sampling_item(state.params))
-            if stop:
-                break
+        state, _ = loop.run(
+            (state, reset()), start=start, num_steps=num_steps,
+            step_fn=lambda carry, step, batch: train_step(*carry, frozen, batch),
+            batch_fn=lambda step: placement.put_batch(make_batch(step)),
+            cadence={'log': s['log_every_steps'], 'evaluate': s['eval_every_steps'] if chunks else 0,
+                     loop.CHECKPOINT: s['checkpoint_every_steps']},
+            on_due=on_due, checkpoints=checkpoints,
+            items=lambda carry: {'state': carry[0], 'ema': sampling_item(carry[0].params)},
+            max_steps_in_flight=placement.max_steps_in_flight, on_first_step=log.start)
     finally:
         log.close()
     return state
-
-
-def sampling_item(params):
-    """The 'ema' item of a discriminator checkpoint (the trainer's layout): what guidance restores."""
-    return {'params': {'discriminator': params}, 'model_state': {}}
 
 
 # ---------------------------------------------------------------- generated samples
@@ -495,106 +385,3 @@ def load_generated(path, num):
         raise UserError(f'{path} holds {len(samples)} samples but config.discriminator needs {num} '
                         '(num_generated + num_heldout): delete it to generate them, or lower those fields')
     return {'image': samples[:num], 'label': labels[:num]}
-
-
-# ---------------------------------------------------------------- loading for guidance
-
-class TrainedDiscriminator(NamedTuple):
-    discriminator: Discriminator
-    params: Any
-    step: int
-    settings: dict
-
-    def logit_fn(self, denoiser, class_labels=None):
-        """logit_fn(x, sigma) -> [B] for guidance.discriminator_guided, the features read from `denoiser` (the
-        model being guided) when the discriminator was trained on them."""
-        features_fn = bottleneck_features(denoiser) if self.discriminator.features == 'bottleneck' else None
-        return discriminator_lib.make_logit_fn(self.discriminator.network.apply, self.params, features_fn,
-                                               class_labels if self.discriminator.label_dim else None)
-
-
-def restore(workdir, mesh):
-    """The discriminator of `workdir` (discriminator.json + the 'ema' item of its newest readable checkpoint)."""
-    path = os.path.join(workdir, SETTINGS_FILE)
-    if not os.path.exists(path):
-        raise UserError(f'no trained discriminator in {workdir}: {path} does not exist (run --mode='
-                        'train_discriminator with this --workdir first)')
-    with open(path) as f:
-        settings = json.load(f)
-    network_fields = settings['network']
-    discriminator = Discriminator(_network(network_fields), settings['features'],
-                                  int(network_fields.get('label_dim', 0) or 0))
-    shapes = jax.eval_shape(lambda key: discriminator.init(key, tuple(settings['input_shape'])), jax.random.key(0))
-    abstract = checkpoint_lib.abstract_like(sampling_item(shapes), mesh_lib.replicated(mesh))
-    step, item = checkpoint_lib.restore_latest(workdir, abstract, item='ema')
-    return TrainedDiscriminator(discriminator, item['params']['discriminator'], step, settings)
-
-
-def guidance_settings(sampling):
-    """config.sampling.guidance with defaults, or None when it is absent or names no discriminator_workdir."""
-    given = sampling.get('guidance')
-    if not given:
-        return None
-    given = dict(given)
-    unknown = sorted(set(given) - set(GUIDANCE_FIELDS))
-    if unknown:
-        raise UserError(f'config.sampling.guidance has no field {unknown[0]}; valid fields: '
-                        f'{", ".join(sorted(GUIDANCE_FIELDS))}')
-    g = {**GUIDANCE_FIELDS, **given}
-    if not g['discriminator_workdir']:
-        return None
-    if isinstance(g['weight'], bool) or not isinstance(g['weight'], (int, float)):
-        raise UserError(f'config.sampling.guidance.weight={g["weight"]!r} must be a number')
-    if not 0 <= g['sigma_min'] <= g['sigma_max']:
-        raise UserError(f'config.sampling.guidance.sigma_min={g["sigma_min"]!r} and sigma_max={g["sigma_max"]!r} '
-                        'must satisfy 0 <= sigma_min <= sigma_max')
-    for field in ('first_evaluation_only', 'boosting'):
-        if not isinstance(g[field], bool):
-            raise UserError(f'config.sampling.guidance.{field}={g[field]!r} must be True or False')
-    return g
-
-
-def guided_sampler(sampling, sampler, g):
-    """The sampler guidance runs with: EDM's Heun becomes 'heun_dg' when the guidance asks for the first
-    evaluation only or boosting (and the weight is not 0); 'heun_dg' takes them as defaults of its options;
-    any other sampler is returned as it is (guided at every evaluation; boosting is Heun's only)."""
-    name = getattr(sampler, 'name', sampling.sampler)
-    options = dict(sampling.get('sampler_options') or {})
-    special = dict(first_evaluation_only=g['first_evaluation_only'], boosting=g['boosting'])
-    if name == 'heun_dg':
-        return samplers.get('heun_dg', **{**special, **options})
-    if name == 'heun' and g['weight'] != 0 and (g['first_evaluation_only'] or g['boosting']):
-        unsupported = sorted(k for k in ('afs', 'denoise_to_zero') if options.get(k))
-        if unsupported:
-            raise UserError(f'config.sampling.sampler_options.{unsupported[0]}: the guided Heun (heun_dg) has no '
-                            'such option; set config.sampling.guidance.first_evaluation_only=False to guide '
-                            'plain Heun at both evaluations')
-        return samplers.get('heun_dg', **{k: v for k, v in options.items() if k not in ('afs', 'denoise_to_zero')},
-                            **special)
-    if g['boosting']:
-        raise UserError(f'config.sampling.guidance.boosting=True needs sampler heun or heun_dg (got {name!r})')
-    return sampler
-
-
-def guidance_from_config(config, mesh, sampler, sigmas):
-    """(wrap, sampler) for the Generator: wrap(denoiser, variables, class_labels) -> the guided denoiser of
-    config.sampling.guidance, and the sampler to run, which reports info['guidance_calls']; (None, sampler) when
-    no discriminator_workdir is set."""
-    g = guidance_settings(config.sampling)
-    if g is None:
-        return None, sampler
-    trained = restore(g['discriminator_workdir'], mesh)
-    weight, sigma_min, sigma_max = float(g['weight']), float(g['sigma_min']), float(g['sigma_max'])
-
-    def wrap(denoiser, variables, class_labels):
-        del variables        # the features come from the denoiser being guided
-        return guidance.discriminator_guided(denoiser, trained.logit_fn(denoiser, class_labels), weight=weight,
-                                             sigma_min=sigma_min, sigma_max=sigma_max)
-
-    sampler = guided_sampler(config.sampling, sampler, g)
-    if getattr(sampler, 'name', None) != 'heun_dg' and getattr(sampler, 'cost', True) is not None:
-        # (a sampler that picks its own steps, cost None, is data-dependent: no probe can count for it)
-        calls = 0 if weight == 0 else guidance.window_calls(sampler, tuple(config.data.shape), sigmas, sigma_min,
-                                                            sigma_max, key=jax.random.key(0))
-        sampler = guided.reporting_guidance_calls(sampler, calls)
-    return wrap, sampler

@@ -2,7 +2,9 @@
 a converted network is saved as checkpoint 0 with only the 'ema' item ({'params': {'model': ...}, 'model_state':
 the model's other collections, e.g. NCSN++'s 'buffers'}), and WORKDIR/imported_config.json holds the sections a
 config needs to rebuild it (config.model, the data shape, config.loss = the preconditioning, the sampling grid
-clipped to the network's sigma range); configs/edm_import.py overlays them with `apply_imported`.
+clipped to the network's sigma range). Every mode then runs on it: `resolve` (called by jaxdiff.main before the
+command-line overrides) overlays those sections on a config that has an `edm_import` section
+(configs/edm_import.py), read from the imported workdir, which is config.edm_import.workdir or else --workdir.
 """
 import json
 import math
@@ -11,11 +13,12 @@ import os
 import jax
 import numpy as np
 
-from jaxdiff.drivers import checkpoint as checkpoint_lib, generate, mesh as mesh_lib, train_step
+from jaxdiff.drivers import checkpoint as checkpoint_lib, mesh as mesh_lib, train_step, trained as trained_lib
 from jaxdiff.core import precond as precond_lib
 from jaxdiff.core.errors import UserError
 
 IMPORTED_FILE = 'imported_config.json'
+LOAD_ARGUMENTS = ('path', 'precond', 'precond_constants', 'overrides')   # config.edm_import -> convert.edm.load
 
 
 def network_sigma_range(loss, info):
@@ -50,9 +53,9 @@ def not_none(section):
 
 
 def check_against_config(config, network):
-    """The EMA item's shapes that `generate.restore` will ask for, under the imported config, equal the converted
+    """The EMA item's shapes that `trained.restore` will ask for, under the imported config, equal the converted
     variables' (so every mode that restores reads them)."""
-    _, modules, _ = generate.networks_of(config)
+    _, modules, _ = trained_lib.networks_of(config)
     wanted = train_step.abstract_ema(config, {'model': modules['model']}, mesh_lib.make_mesh())
     got = ema_item(network.variables)
     flat_wanted = {jax.tree_util.keystr(p): v.shape for p, v in jax.tree_util.tree_flatten_with_path(wanted)[0]}
@@ -64,7 +67,7 @@ def check_against_config(config, network):
 
 
 def imported_config(config, network):
-    """What configs/edm_import.py overlays on its base config: JSON-able sections of the imported network."""
+    """What `resolve` overlays on the config: JSON-able sections of the imported network."""
     sigma_min, sigma_max = sampling_range(config.sampling.schedule_options,
                                           network_sigma_range(network.loss, network.info))
     plain = lambda v: list(v) if isinstance(v, tuple) else v
@@ -72,7 +75,8 @@ def imported_config(config, network):
                 data_shape=list(network.data_shape), loss=dict(network.loss),
                 sampling_schedule_options=dict(sigma_min=sigma_min, sigma_max=sigma_max),
                 source=dict(network.info, edm_import={k: not_none(v) if hasattr(v, 'items') else v
-                                                      for k, v in dict(config.edm_import).items()}))
+                                                      for k, v in dict(config.edm_import).items()
+                                                      if k in LOAD_ARGUMENTS}))
 
 
 def read_imported(workdir):
@@ -85,13 +89,48 @@ def read_imported(workdir):
 
 
 def apply_imported(config, imported):
-    """config with the imported sections (model, data.shape, loss, the grid's sigma range) in place."""
+    """config with the imported sections in place: model, data.shape, loss, and the network's sigma range as the
+    range of the sampling grid (and of AMED's grid, when the config has an `amed` section)."""
     with config.unlocked():
         config.model = dict(imported['model'])
         config.data.shape = tuple(imported['data_shape'])
         config.loss = dict(imported['loss'])
         for name, value in imported['sampling_schedule_options'].items():
             config.sampling.schedule_options[name] = value
+            if 'amed' in config:
+                config.amed[name] = value
+    return config
+
+
+def _update(section, changes):
+    """Sets the (nested) fields of `changes` in `section`."""
+    for name, value in changes.items():
+        if hasattr(value, 'items') and hasattr(section[name], 'items'):
+            _update(section[name], value)
+        else:
+            section[name] = value
+
+
+def resolve(config, workdir):
+    """The config a mode runs, for a config with an `edm_import` section (configs/edm_import.py); any other config
+    is returned as it is. The imported workdir is config.edm_import.workdir, else `workdir` (--workdir); it is
+    the model workdir of AMED and discriminator training unless they name one. When it holds imported_config.json,
+    the imported sections apply (`apply_imported`), and for a conditional network (label_dim > 0) the fields of
+    config.edm_import.conditional too. Without one (before the import) the config keeps its own sections."""
+    if 'edm_import' not in config:
+        return config
+    imported_workdir = config.edm_import.get('workdir') or workdir
+    with config.unlocked():
+        for section in ('amed', 'discriminator'):
+            if imported_workdir and section in config and not config[section].get('model_workdir'):
+                config[section].model_workdir = imported_workdir
+    imported = read_imported(imported_workdir)
+    if imported is None:
+        return config
+    apply_imported(config, imported)
+    if int(imported['model'].get('label_dim') or 0):
+        with config.unlocked():
+            _update(config, config.edm_import.get('conditional') or {})
     return config
 
 

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 
 from jaxdiff import data as data_lib
-from jaxdiff.drivers import digits_metric, fid, generate
+from jaxdiff.drivers import config_check, digits_metric, fid, sampling, trained as trained_lib
 from jaxdiff.core.errors import UserError
 from jaxdiff.drivers.progress import Progress
 
@@ -50,24 +50,17 @@ RESULTS_FILE = 'evaluation.jsonl'
 FIELDS = dict(num_samples=EDM_NUM_SAMPLES, protocol='single', metric='fid', kid=False, kid_subsets=100,
               kid_subset_size=1000, feature_batch_size=250, inception_weights=None, reference='data',
               reference_split=None, reference_num_examples=None, reference_cache=True)
+TABLE = {'num_samples': config_check.integer(2), 'protocol': config_check.choice(*PROTOCOLS),
+         'metric': config_check.choice(*METRICS), 'kid': config_check.FLAG, 'kid_subsets': config_check.integer(1),
+         'kid_subset_size': config_check.integer(2), 'feature_batch_size': config_check.integer(1),
+         'inception_weights': config_check.ANY, 'reference': config_check.ANY, 'reference_split': config_check.ANY,
+         'reference_num_examples': config_check.integer(2, optional=True), 'reference_cache': config_check.FLAG}
 
 
 def settings_of(config):
-    """config.evaluation with FIELDS' defaults filled in; a bad field is one UserError line naming it."""
-    given = dict(config.get('evaluation') or {})
-    unknown = sorted(set(given) - set(FIELDS))
-    if unknown:
-        raise UserError(f'config.evaluation has no field {unknown[0]}; valid fields: {", ".join(sorted(FIELDS))}')
-    s = {**FIELDS, **given}
-    for field, valid in (('protocol', PROTOCOLS), ('metric', METRICS)):
-        if s[field] not in valid:
-            raise UserError(f'config.evaluation.{field}={s[field]!r}; valid choices: {", ".join(valid)}')
-    for field, least in (('num_samples', 2), ('kid_subsets', 1), ('kid_subset_size', 2), ('feature_batch_size', 1)):
-        if isinstance(s[field], bool) or not isinstance(s[field], int) or s[field] < least:
-            raise UserError(f'config.evaluation.{field}={s[field]!r} must be an integer >= {least}')
-    n = s['reference_num_examples']
-    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 2):
-        raise UserError(f'config.evaluation.reference_num_examples={n!r} must be None (all) or an integer >= 2')
+    """config.evaluation (checked against TABLE) with FIELDS' defaults filled in; a bad field is one UserError line
+    naming it."""
+    s = config_check.section(config, 'evaluation', TABLE, FIELDS)
     if not isinstance(s['reference'], str) or not (s['reference'] == 'data' or s['reference'].endswith('.npz')):
         raise UserError(f'config.evaluation.reference={s["reference"]!r} must be \'data\' (config.data\'s images) '
                         'or the path of an .npz with mu and sigma (e.g. EDM\'s cifar10-32x32.npz)')
@@ -215,10 +208,10 @@ def evaluate(config, workdir, mesh, *, feature_fn=None, feature_id=None, digits=
 
     feature_fn / feature_id: the FID feature network and what identifies it in the reference cache key (None: the
     Inception network of config.evaluation.inception_weights); digits: a DigitsMetric (None: trained here);
-    trained: a `generate.Trained` (None: the EMA item of the workdir's newest readable checkpoint)."""
+    trained: a `trained.Trained` (None: the EMA item of the workdir's newest readable checkpoint)."""
     settings = settings_of(config)
     start = time.perf_counter()
-    generate.sampler_from_config(config.sampling)   # a bad sampler option fails before anything is read
+    sampling.check(config)   # a bad sampler option fails before anything is read
     if wants(settings, 'fid') and feature_fn is None:
         feature_fn = fid.inception_feature_fn(settings['inception_weights'])
         feature_id = ['inception'] + weights_identity(settings['inception_weights'])
@@ -228,8 +221,8 @@ def evaluate(config, workdir, mesh, *, feature_fn=None, feature_id=None, digits=
     if wants(settings, 'fid'):
         reference, reference_features, description = reference_of(config, workdir, settings, feature_fn,
                                                                    feature_id)
-    trained = trained or generate.restore(config, workdir, mesh)
-    generator = generate.Generator(config, trained.denoiser_fn, mesh)
+    trained = trained or trained_lib.restore(config, workdir, mesh)
+    generator = sampling.generator(config, mesh, trained.denoiser_fn)
     num_runs = EDM_RUNS if settings['protocol'] == 'edm' else 1
     n, batch_size = settings['num_samples'], config.sampling.batch_size
     num_batches = math.ceil(n / batch_size)
@@ -259,9 +252,8 @@ def evaluate(config, workdir, mesh, *, feature_fn=None, feature_id=None, digits=
         protocol=settings['protocol'], metric=settings['metric'], sampler=s.sampler,
         schedule=s.schedule, schedule_options=_plain(s.get('schedule_options')),
         sampler_options=_plain(s.get('sampler_options')), predictor_workdir=s.get('predictor_workdir'),
-        sigmas=[float(x) for x in np.asarray(generator.sigmas)], nfe=generator.nfe,
-        guidance_calls=generator.guidance_calls,
-        guidance=_plain(s.guidance) if (s.get('guidance') or {}).get('discriminator_workdir') else None,
+        sigmas=[float(x) for x in np.asarray(generator.sigmas)], **generator.info,
+        guidance=_plain(s.guidance) if generator.transform is not None else None,
         seed=int(s.seed),
         reference=description, seconds=round(time.perf_counter() - start, 1),
         time=datetime.datetime.now().isoformat(timespec='seconds'))

@@ -28,14 +28,14 @@ def grid(images, columns=None, padding=1):
 
 
 def grid_picture(images, *, columns=None, min_size=256):
-    """The picture of `save_grid` as a uint8 array [H, W, C]: the grid, upscaled (nearest) to >= `min_size` pixels."""
+    """Images [N, H, W, C] as one uint8 grid [H', W', C], upscaled (nearest) to >= `min_size` pixels."""
     canvas = grid(images, columns)
     scale = max(1, math.ceil(min_size / max(canvas.shape[:2])))
     return np.repeat(np.repeat(canvas, scale, axis=0), scale, axis=1)
 
 
 def points_picture(points, *, size=384, extent=None):
-    """The picture of `save_points` as a uint8 RGB array [size, size, 3]: a scatter plot of 2-D points [N, 2];
+    """A scatter plot of 2-D points [N, 2] as a uint8 RGB array [size, size, 3];
     `extent` (half-width of the square shown) defaults to the data's."""
     points = np.asarray(points, np.float64)
     extent = extent or max(1e-6, float(np.nanmax(np.abs(points)))) * 1.05
@@ -64,16 +64,6 @@ def save_picture(path, pixels):
     _makedirs_for(path)
     Image.fromarray(pixels[..., 0] if pixels.ndim == 3 and pixels.shape[-1] == 1 else pixels).save(path)
     return path
-
-
-def save_grid(path, images, *, columns=None, min_size=256):
-    """Writes a PNG grid of images [N, H, W, C] (C = 1 or 3), upscaled (nearest) to at least `min_size` pixels."""
-    return save_picture(path, grid_picture(images, columns=columns, min_size=min_size))
-
-
-def save_points(path, points, *, size=384, extent=None):
-    """Writes a PNG scatter plot of 2-D points [N, 2]; `extent` (half-width of the square shown) defaults to the data's."""
-    return save_picture(path, points_picture(points, size=size, extent=extent))
 
 
 def save_png(path, samples):

@@ -44,17 +44,6 @@ def make_mesh(devices=None):
     return Mesh(np.asarray(devices), (AXIS,))
 
 
-def max_steps_in_flight(mesh):
-    """How many training steps the loop may dispatch before it waits for them: None (no bound) except on several
-    CPU devices. There XLA:CPU's in-process collectives (jaxlib 0.10) deadlock when too many multi-device programs
-    are queued: with 8 simulated devices on 2 busy cores, small all-reduce steps dispatched without waiting hit the
-    rendezvous timeout (the process aborts) within 30 steps, with a bound of 1 to 16 they ran 2000+ steps, with 32
-    one run of two aborted (benchmarks/cpu_collectives.py; RESULTS.md "CPU collectives")."""
-    if mesh.devices.size > 1 and mesh.devices.flat[0].platform == 'cpu':
-        return 4
-    return None
-
-
 def batch_sharding(mesh):
     """Splits an array's first (batch) axis over the 'data' axis."""
     return NamedSharding(mesh, PartitionSpec(AXIS))

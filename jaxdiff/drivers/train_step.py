@@ -1,5 +1,8 @@
-"""The pieces of one training step, used by `modes/train.py` (the loop), benchmarks and tests.
+"""The pieces of one training step, used by `modes/train.py` (the model trainer on `drivers/loop.py`), benchmarks
+and tests.
 
+    setup = build(config)                   # model, Loss, optimizer, the un-compiled step, and the run's numbers
+    placement = parallel(setup.parallelism, mesh)    # Jit | Pmap: compiles the step and places state and batches
     state = TrainState(step, params, ema_params, opt_state, model_state); params = {'model': ..., <extra>: ...}
     step s: key = fold_in(base_key, s); batch = loss.prepare(batch) (augmentation, method rows);
             (loss, metrics)(params, batch, key) -> grads -> Adam (EDM lr ramp) -> EMA
@@ -34,7 +37,6 @@ from jaxdiff.drivers import mesh as mesh_lib, precision
 from jaxdiff import models
 
 PMAP_AXIS = 'batch'
-PARALLELISMS = ('jit', 'pmap')
 
 
 class TrainState(NamedTuple):
@@ -92,13 +94,26 @@ def init_state(modules, optimizer, data_shape, key):
                       opt_state=optimizer.init(params), model_state=model_state)
 
 
-def make_network(model, model_state=None):
-    """network(params, x_in, c_noise, batch, key) -> F for the loss: class labels (one-hot) and augmentation
-    labels come from the batch, dropout from key."""
+def drop_labels(class_labels, key, label_dropout, batch):
+    """Each example's one-hot label replaced by the null label, the all-zero row, with probability label_dropout:
+    classifier-free guidance's joint training of the conditional and unconditional model (Ho & Salimans 2022,
+    Algorithm 1, p_uncond). Drawn per example of the global batch (losses.draw_per_example), so neither the device
+    count nor pmap changes which examples lose their label."""
+    keep = losses.draw_per_example(key, class_labels.shape[:1],
+                                   lambda key, shape: jax.random.bernoulli(key, 1 - label_dropout, shape), batch)
+    return class_labels * keep[:, None].astype(class_labels.dtype)
+
+
+def make_network(model, model_state=None, label_dropout=0.0):
+    """network(params, x_in, c_noise, batch, key) -> F for the loss: class labels (one-hot, each replaced by the
+    null label with probability label_dropout) and augmentation labels come from the batch, dropout from key."""
     label_dim = getattr(model, 'label_dim', 0)
 
     def network(params, x_in, c_noise, batch, key):
         class_labels = jax.nn.one_hot(batch['label'], label_dim) if label_dim else None
+        if label_dim and label_dropout:
+            key, label_key = jax.random.split(key)
+            class_labels = drop_labels(class_labels, label_key, label_dropout, batch)
         return model.apply({'params': params, **(model_state or {})}, x_in, c_noise, class_labels=class_labels,
                            augment_labels=batch.get('augment_labels'), train=True, rngs={'dropout': key})
     return network
@@ -184,12 +199,31 @@ def make_train_step(loss, networks, optimizer, *, seed, batch_size, lr, lr_rampu
 
 
 class Setup(NamedTuple):
+    """Everything a training run builds from its config (`build`): the loop reads no config."""
     model: Any
     modules: dict      # {'model': model, <extra network>: module}
     loss: losses.Loss
     optimizer: Any
     train_step: Any    # un-jitted (or un-pmapped)
-    parallelism: str
+    parallelism: str   # 'jit' | 'pmap' (config.training.parallelism, checked by config_check)
+    precond: Any       # the loss's preconditioning: sampling's denoiser is Denoiser(model, precond)
+    augment: Any       # (key, images) -> (images, augment_labels), or None
+    data_shape: tuple  # one example's shape (config.data.shape)
+    batch_size: int    # the global batch
+    seed: int
+    num_steps: int     # total_steps(config)
+
+    def abstract_state(self, mesh):
+        """The TrainState's shapes/dtypes, replicated over the mesh (a restore target; nothing is allocated)."""
+        shapes = jax.eval_shape(lambda key: init_state(self.modules, self.optimizer, self.data_shape, key),
+                                jax.random.key(0))
+        return checkpoint_lib.abstract_like(shapes, mesh_lib.replicated(mesh))
+
+    def init_state(self, mesh):
+        """A fresh TrainState (parameters from root_keys(seed)[0]), replicated over the mesh."""
+        init = jax.jit(lambda key: init_state(self.modules, self.optimizer, self.data_shape, key),
+                       out_shardings=mesh_lib.replicated(mesh))
+        return init(root_keys(self.seed)[0])
 
 
 def build(config):
@@ -203,25 +237,27 @@ def build(config):
     modules = {'model': model, **{name: models.from_config(config, section=name)
                                   for name in loss.hooks.extra_networks}}
     parallelism = training.get('parallelism', 'jit')
-    if parallelism not in PARALLELISMS:
-        raise ValueError(f'training.parallelism={parallelism!r}; valid choices: {", ".join(PARALLELISMS)}')
     optimizer = make_optimizer(lr=training.lr, lr_rampup_images=training.lr_rampup_images,
                                batch_size=training.batch_size)
+    augment = augment_fn(config.get('augment'))
 
     def networks(model_state):
-        return {'model': make_network(model, model_state),
+        return {'model': make_network(model, model_state, training.get('label_dropout', 0.0)),
                 **{name: make_extra_network(module) for name, module in modules.items() if name != 'model'}}
 
     train_step = make_train_step(loss, networks, optimizer, seed=training.seed, batch_size=training.batch_size,
                                  lr=training.lr, lr_rampup_images=training.lr_rampup_images,
                                  ema_halflife_images=training.ema_halflife_images,
-                                 ema_rampup_ratio=training.ema_rampup_ratio, augment=augment_fn(config.get('augment')),
+                                 ema_rampup_ratio=training.ema_rampup_ratio, augment=augment,
                                  axis_name=PMAP_AXIS if parallelism == 'pmap' else None)
-    return Setup(model, modules, loss, optimizer, precision.with_matmul_precision(train_step, policy), parallelism)
+    return Setup(model, modules, loss, optimizer, precision.with_matmul_precision(train_step, policy), parallelism,
+                 loss.parameterization.precond, augment, tuple(config.data.shape), training.batch_size,
+                 training.seed, total_steps(config))
 
 
 def abstract_state(config, modules, optimizer, mesh):
-    """The TrainState's shapes/dtypes, replicated over the mesh (a restore target; nothing is allocated)."""
+    """The TrainState's shapes/dtypes, replicated over the mesh, from a config and its networks (`Setup.abstract_state`
+    when a Setup is at hand)."""
     shapes = jax.eval_shape(lambda key: init_state(modules, optimizer, tuple(config.data.shape), key),
                             jax.random.key(0))
     return checkpoint_lib.abstract_like(shapes, mesh_lib.replicated(mesh))
@@ -244,19 +280,56 @@ def total_steps(config):
     return math.ceil(config.training.total_images / config.training.batch_size)
 
 
-# ---------------------------------------------------------------- compiling the step: jit over a mesh, or pmap
+# ---------------------------------------------------------------- placing the work: jit over a mesh, or pmap
 
-class Jit:
-    """The step jitted over Mesh('data'): batch sharded on axis 0, state and metrics replicated and donated."""
-    name = 'jit'
+# Steps a loop may queue before it waits for one, on a mesh of several CPU devices (`Placement.max_steps_in_flight`)
+CPU_MAX_STEPS_IN_FLIGHT = 4
+
+
+class Placement:
+    """Where a run's work goes (`Jit` or `Pmap`, made by `parallel`), and the one owner of what XLA:CPU's in-process
+    collectives need on a mesh of several CPU devices. There (jaxlib 0.10) they deadlock when too many
+    multi-device programs are queued: small all-reduce steps dispatched without waiting hit the rendezvous timeout
+    (the process aborts) within 30 steps, with a bound of 1 to 16 they ran 2000+ steps, with 32 one run of two
+    aborted; and a host callback inside a sharded program deadlocks the collectives around it
+    (benchmarks/cpu_collectives.py; RESULTS.md "CPU collectives"). So on several CPU devices:
+      max_steps_in_flight     4: a loop waits for every 4th step (None elsewhere: no bound)
+      host_callbacks_in_step  False: a config that would run a host callback inside the step is refused
+                              (the loss's check reads it)
+      place_refresh           runs the refresh of rows that last several steps on one device, then splits it
+      Pmap.get_state          copies device 0's shard through the host (no multi-device gather)
+    No mode or loop asks for the backend or the device count."""
 
     def __init__(self, mesh):
         self.mesh = mesh
+        self.num_devices = mesh.devices.size
+        self._cpu_collectives = self.num_devices > 1 and mesh.devices.flat[0].platform == 'cpu'
+
+    @property
+    def max_steps_in_flight(self):
+        """How many steps a loop may dispatch before it waits for one (None: no bound)."""
+        return CPU_MAX_STEPS_IN_FLIGHT if self._cpu_collectives else None
+
+    @property
+    def host_callbacks_in_step(self):
+        """Whether a host callback (e.g. an assignment solved by a host library) may run inside the step."""
+        return not self._cpu_collectives
+
+
+class Jit(Placement):
+    """The step jitted over Mesh('data'): batch sharded on axis 0, state and metrics replicated and donated."""
+    name = 'jit'
 
     def compile(self, fn, donate=True):
+        replicated = mesh_lib.replicated(self.mesh)
+        return jax.jit(fn, in_shardings=(replicated, replicated, mesh_lib.batch_sharding(self.mesh)),
+                       out_shardings=(replicated, replicated), donate_argnums=(0, 1) if donate else ())
+
+    def jit(self, fn, *, num_replicated, donate=()):
+        """fn(*replicated, batch) jitted: its first num_replicated arguments replicated, the last one sharded on
+        axis 0 (the outputs' shardings left to the compiler)."""
         replicated, sharded = mesh_lib.replicated(self.mesh), mesh_lib.batch_sharding(self.mesh)
-        return jax.jit(fn, in_shardings=(replicated, replicated, sharded), out_shardings=(replicated, replicated),
-                       donate_argnums=(0, 1) if donate else ())
+        return jax.jit(fn, in_shardings=(replicated,) * num_replicated + (sharded,), donate_argnums=donate)
 
     def put_state(self, tree):
         return jax.device_put(tree, mesh_lib.replicated(self.mesh))
@@ -270,8 +343,18 @@ class Jit:
     def jit_replicated(self, fn):
         return jax.jit(fn, out_shardings=mesh_lib.replicated(self.mesh))
 
+    def place_refresh(self, fn):
+        """fn(rows, key) -> rows that join the step's batch, compiled: its output sharded like the batch. In one
+        process on several CPU devices it runs on the first device and is split over the mesh afterwards (the
+        class docstring); the rows are one pool, cheap to move."""
+        sharded = mesh_lib.batch_sharding(self.mesh)
+        if self.host_callbacks_in_step or jax.process_count() > 1:
+            return jax.jit(fn, out_shardings=sharded)
+        compiled, first = jax.jit(fn), self.mesh.devices.flat[0]
+        return lambda rows, key: jax.device_put(compiled(*jax.device_put((rows, key), first)), sharded)
 
-class Pmap:
+
+class Pmap(Placement):
     """The step under jax.pmap over this host's devices: state replicated along a leading device axis, the
     batch split [num_devices, B / num_devices, ...]."""
     name = 'pmap'
@@ -279,7 +362,7 @@ class Pmap:
     def __init__(self, mesh):
         if jax.process_count() > 1:
             raise ValueError("training.parallelism='pmap' runs on one host; use 'jit' on several")
-        self.mesh = mesh
+        super().__init__(mesh)
         self.devices = list(mesh.devices.flat)
         # pmap's own layout: a leading axis split over the devices
         self.sharding = NamedSharding(Mesh(np.asarray(self.devices), (PMAP_AXIS,)), PartitionSpec(PMAP_AXIS))
@@ -296,8 +379,7 @@ class Pmap:
     def get_state(self, tree):
         """The state of device 0 (all devices hold the same), as arrays replicated over the mesh (as under 'jit').
         Copied through the host from device 0's own shard: `x[0]` would dispatch a gather over all devices per leaf,
-        and that many in-flight multi-device programs deadlock XLA:CPU's in-process collectives (see
-        `mesh.max_steps_in_flight`)."""
+        and that many in-flight multi-device programs deadlock XLA:CPU's in-process collectives (`Placement`)."""
         first, replicated = self.devices[0], mesh_lib.replicated(self.mesh)
 
         def row_0(x):
@@ -314,8 +396,13 @@ class Pmap:
     def jit_replicated(self, fn):
         return lambda *args: self.put_state(jax.jit(fn)(*args))
 
+    def place_refresh(self, fn):
+        """fn(rows, key) -> rows that join the step's batch, jitted."""
+        return jax.jit(fn)
+
 
 def parallel(parallelism, mesh):
+    """The Placement of config.training.parallelism ('jit' | 'pmap') on `mesh`."""
     return {'jit': Jit, 'pmap': Pmap}[parallelism](mesh)
 
 
@@ -323,8 +410,9 @@ def parallel(parallelism, mesh):
 
 def make_batch_fn(source, loss, *, batch_size, seed, start, with_index=False):
     """make_batch(step) -> this host's rows of the step's batch (numpy): the minibatch (with its examples'
-    positions in the global batch, batch['index'], when `with_index`: pmap), and the rows the loss's hooks ask for (`losses.Rows`; a row set with period p is
-    fetched at the first step of each period and at `start`, the first step of this run)."""
+    positions in the global batch, batch['index'], when `with_index`: pmap), and the rows the loss's hooks ask for
+    (`losses.Rows`; a row set with period p is fetched at the first step of each period and at `start`, the first
+    step of this run)."""
     process_index, process_count = jax.process_index(), jax.process_count()
     rows = loss.rows(batch_size)
     host_slice = slice(process_index * batch_size // process_count, (process_index + 1) * batch_size // process_count)
@@ -341,3 +429,39 @@ def make_batch_fn(source, loss, *, batch_size, seed, start, with_index=False):
                 local[r.name + '_label'] = fetched['label']
         return local
     return make_batch
+
+
+def batch_fn(setup, source, placement, start):
+    """batch(step) -> the step's batch placed on the devices (`make_batch_fn` + `Placement.put_batch`)."""
+    make_batch = make_batch_fn(source, setup.loss, batch_size=setup.batch_size, seed=setup.seed, start=start,
+                               with_index=placement.name == 'pmap')
+    return lambda step: placement.put_batch(make_batch(step))
+
+
+class Refresher:
+    """Rows that last several steps (`losses.Rows.period` > 1) go through the loss's refresh hook once per period
+    (placed by `Placement.place_refresh`); its output joins each batch of the period. Rows of period 1 pass straight
+    to the step."""
+
+    def __init__(self, setup, placement):
+        loss = setup.loss
+        self.rows = [r for r in loss.rows(setup.batch_size) if r.period > 1]
+        refresh = loss.hooks.refresh
+        if self.rows and refresh is None:
+            raise ValueError('a loss piece asks for rows with a period but has no refresh hook')
+        self.period = self.rows[0].period if self.rows else None
+        self.key = refresh_key(setup.seed)
+        self.cached = None
+        if refresh is not None:
+            augment = setup.augment
+            self._refresh = placement.place_refresh(lambda rows, key: refresh(rows, key, augment))
+
+    def __call__(self, step, batch):
+        if not self.rows:
+            return batch
+        names = [name for r in self.rows for name in (r.name, r.name + '_label')]
+        if any(name in batch for name in names):
+            fetched = {name: batch[name] for name in names}
+            self.cached = self._refresh(fetched, jax.random.fold_in(self.key, step // self.period))
+        batch = {name: value for name, value in batch.items() if name not in names}
+        return {**batch, **self.cached}

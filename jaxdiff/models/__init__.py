@@ -13,8 +13,7 @@ Names:
   'mlp'     small residual MLP for 2-D / flattened data (`jaxdiff.models.mlp.MLP`).
 Fields given to `build` override the preset; an unknown name or field raises ValueError listing the valid ones.
 
-A small SongUNet for 16x16x1 digits that trains on CPU (715,201 parameters; on the shared 2-core dev CPU a jitted
-Adam step at batch 64 compiled in 5-21 s and ran 0.55-2.1 s/step, depending on load):
+A small SongUNet for 16x16x1 digits, small enough to train on a CPU (715,201 parameters):
 
     build('ddpmpp', img_resolution=16, in_channels=1, out_channels=1, model_channels=32, channel_mult=(1, 2),
           num_blocks=1, attn_resolutions=(), dropout=0.0, augment_dim=0)
@@ -22,29 +21,31 @@ Adam step at batch 64 compiled in 5-21 s and ran 0.55-2.1 s/step, depending on l
 In a config: `config.model = dict(name='ddpmpp', model_channels=32, channel_mult=(1, 2), num_blocks=1,
 attn_resolutions=(), dropout=0.0, augment_dim=0)` with `config.data.shape = (16, 16, 1)`; `from_config` fills
 img_resolution / in_channels / out_channels from the data shape.
+
+The registry names each network as `module:class` in this package, imported when built, so this package imports
+none of its modules and they import each other directly (`from jaxdiff.models import layers`).
 """
 import dataclasses
+import importlib
 
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.models.encoder import MLPEncoder, TanhMLP, UNetEncoder
-from jaxdiff.models.mlp import MLP
-from jaxdiff.models.songunet import SongUNet
-
 _CIFAR10 = dict(img_resolution=32, in_channels=3, out_channels=3, label_dim=0, augment_dim=9, model_channels=128,
                 channel_mult=(2, 2, 2), channel_mult_emb=4, num_blocks=4, attn_resolutions=(16,), dropout=0.13)
 
-# name -> (module class, preset fields). Presets are EDM's `--arch=ddpmpp` / `--arch=ncsnpp` CIFAR-10 settings.
+# name -> ('module:class' of this package, preset fields). Presets are EDM's `--arch=ddpmpp` / `--arch=ncsnpp`
+# CIFAR-10 settings.
 _MODELS = {
-    'ddpmpp': (SongUNet, dict(_CIFAR10, embedding_type='positional', channel_mult_noise=1, encoder_type='standard',
-                              decoder_type='standard', resample_filter=(1, 1))),
-    'ncsnpp': (SongUNet, dict(_CIFAR10, embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
-                              decoder_type='standard', resample_filter=(1, 3, 3, 1))),
-    'mlp': (MLP, {}),
-    'tanh_mlp': (TanhMLP, {}),                       # Fast-ODE's 2-D flow network (models/encoder.py)
-    'fastode_encoder': (UNetEncoder, {}),            # Fast-ODE's q(z | x), a small SongUNet (CIFAR-10 preset)
-    'fastode_mlp_encoder': (MLPEncoder, {}),         # Fast-ODE's q(z | x) for 2-D data
+    'ddpmpp': ('songunet:SongUNet', dict(_CIFAR10, embedding_type='positional', channel_mult_noise=1,
+                                         encoder_type='standard', decoder_type='standard', resample_filter=(1, 1))),
+    'ncsnpp': ('songunet:SongUNet', dict(_CIFAR10, embedding_type='fourier', channel_mult_noise=2,
+                                         encoder_type='residual', decoder_type='standard',
+                                         resample_filter=(1, 3, 3, 1))),
+    'mlp': ('mlp:MLP', {}),
+    'tanh_mlp': ('encoder:TanhMLP', {}),                # Fast-ODE's 2-D flow network (models/encoder.py)
+    'fastode_encoder': ('encoder:UNetEncoder', {}),     # Fast-ODE's q(z | x), a small SongUNet (CIFAR-10 preset)
+    'fastode_mlp_encoder': ('encoder:MLPEncoder', {}),  # Fast-ODE's q(z | x) for 2-D data
 }
 
 
@@ -59,9 +60,12 @@ def fields(name):
 
 
 def _lookup(name):
+    """(module class, preset fields) of network `name`; the class's module is imported here."""
     if name not in _MODELS:
         raise ValueError(f'unknown model {name!r}; valid models: {", ".join(names())}')
-    return _MODELS[name]
+    location, preset = _MODELS[name]
+    module_name, class_name = location.split(':')
+    return getattr(importlib.import_module(f'{__name__}.{module_name}'), class_name), preset
 
 
 def _normalize(value):

@@ -11,17 +11,18 @@ import jax.numpy as jnp
 
 
 class DigitsClassifier(nn.Module):
-    """`apply(variables, images) -> logits [B, 10]`; with `return_features=True` -> (logits, features [B, feature_dim])."""
+    """`apply(variables, images) -> logits [B, 10]`; the features [B, feature_dim] are sown as 'penultimate' into the
+    'intermediates' collection (`apply(..., mutable=['intermediates'])`, as the denoisers sow their bottleneck)."""
     hidden_dim: int = 256
     feature_dim: int = 64
     num_classes: int = 10
 
     @nn.compact
-    def __call__(self, images, return_features=False):
+    def __call__(self, images):
         if images.ndim != 4 or images.shape[-1] != 1:
             raise ValueError(f'DigitsClassifier expects images [B, R, R, 1], got shape {images.shape}')
         x = jnp.asarray(images, jnp.float32).reshape(len(images), -1)
         x = nn.relu(nn.Dense(self.hidden_dim, name='hidden')(x))
         features = nn.Dense(self.feature_dim, name='features')(x)
-        logits = nn.Dense(self.num_classes, name='logits')(nn.relu(features))
-        return (logits, features) if return_features else logits
+        self.sow('intermediates', 'penultimate', features)
+        return nn.Dense(self.num_classes, name='logits')(nn.relu(features))

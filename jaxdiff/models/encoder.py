@@ -14,9 +14,8 @@ configures them:
 Encoders are called as `apply(variables, x, noise_labels=None, train=False, rngs={'dropout': key}) -> (mu, logvar)`,
 each shaped like x; noise_labels is accepted and ignored (the encoder's time is the constant `time`), so the training
 loop initialises an encoder like any network (`models.init(module, data_shape, key)` passes noise labels) and the
-Fast-ODE pairing (`flow.fastode_pairing`) calls it as an extra network with x alone; `jaxdiff.core.flow.fastode_loss`
-takes `encoder_fn = lambda x: encoder.apply(...)`. Registered in models/__init__.py as 'fastode_encoder' (UNetEncoder),
-'fastode_mlp_encoder' (MLPEncoder) and 'tanh_mlp' (TanhMLP).
+Fast-ODE pairing (`flow.fastode_pairing`) calls it as an extra network with x alone. Registered in
+models/__init__.py as 'fastode_encoder' (UNetEncoder), 'fastode_mlp_encoder' (MLPEncoder) and 'tanh_mlp' (TanhMLP).
 """
 from typing import Any, Sequence
 

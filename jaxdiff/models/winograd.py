@@ -12,9 +12,9 @@ transforms use only 0, +-1 and +-1/2, so the result equals the direct convolutio
 
 Layout: each transformed position is its own array V[a][b] [B, tiles_h, tiles_w, C] (a: the tile's row, b: its
 column), not one stacked [4, 4, ...] tensor: a stack is a concatenation, which XLA:CPU's fused loops evaluate
-element by element with a branch per operand; 16 plain arrays are 16 vectorised loops and 16 plain dots (the
-forward convolution 1.1-1.4x faster at 16x16 and 32x32 on the Intel AVX-512 CPU of benchmarks/RESULTS.md, "CPU
-speed after issue 17"). The kernel gradient stacks them once for one batched matmul (faster inside the training step).
+element by element with a branch per operand; 16 plain arrays are 16 vectorised loops and 16 plain dots (a faster
+forward convolution at 16x16 and 32x32; benchmarks/conv_algorithms.py measures it). The kernel gradient stacks them
+once for one batched matmul (faster inside the training step).
 
 The backward pass is written out (`jax.custom_vjp`) rather than differentiated through the transforms: the input
 gradient is again a Winograd convolution (of dy with the spatially flipped, in/out-transposed kernel), and the

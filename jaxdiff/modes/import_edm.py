@@ -11,7 +11,9 @@ pickle's or EDM's defaults), overrides (SongUNet fields, e.g. dropout for fine-t
 
 Writes WORKDIR/checkpoints/0 (item 'ema' only: there is no optimizer state to resume) and
 WORKDIR/imported_config.json (config.model, data shape, config.loss, the sampling grid's sigma range, the source),
-which configs/edm_import.py reads, so that config gives every mode the imported network (jaxdiff.drivers.edm_import).
+which every later mode reads from the imported workdir (`jaxdiff.drivers.edm_import.resolve`, called by
+jaxdiff.main for a config with an edm_import section, such as configs/edm_import.py), so that config gives every
+mode the imported network.
 """
 import json
 import os

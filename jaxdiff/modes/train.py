@@ -1,137 +1,36 @@
-"""Mode `train`: the one training loop, `run(config, workdir)`.
+"""Mode `train`: the model trainer, `run(config, workdir)`, on the loop of `jaxdiff.drivers.loop`.
 
     every step: batch (the input pipeline, a background thread) -> train_step (jaxdiff.drivers.train_step)
     every log_every_steps: fetch the on-device metrics (the only host sync), log; NaN/Inf -> stop
     every checkpoint_every_steps (and on SIGTERM/SIGINT, and at the end): save items 'state' and 'ema'
-    every sample_every_steps: a grid of samples from the EMA parameters (jaxdiff.drivers.generate)
+    every sample_every_steps: a grid of samples from the EMA parameters (jaxdiff.drivers.sampling)
 
 An existing workdir resumes from its newest readable checkpoint, bit-identically: the state is restored exactly,
 randomness is fold_in(key, step), the data of step s is a pure function of s (jaxdiff.data), and a pool of rows
 that lasts several steps (`losses.Rows.period`) is rebuilt from its index. One process trains in a workdir at a
-time (a lock file names the holder).
+time (a lock file names the holder). `run` is the only function here that reads the config.
 """
 import os
-import queue
-import signal
-import threading
 
 import jax
 
-from jaxdiff.drivers import checkpoint as checkpoint_lib
-from jaxdiff.drivers import config_check, generate, images, logger as logger_lib, mesh as mesh_lib
 from jaxdiff import data as data_lib
-from jaxdiff.drivers import train_step as train_step_lib
-from jaxdiff.drivers import workdir_lock
 from jaxdiff.core.errors import UserError
+from jaxdiff.drivers import checkpoint as checkpoint_lib
+from jaxdiff.drivers import config_check, images, logger as logger_lib, loop, mesh as mesh_lib, sampling
+from jaxdiff.drivers import train_step as train_step_lib
+from jaxdiff.drivers import trained as trained_lib
+from jaxdiff.drivers import workdir_lock
 
 
 class NonFiniteLoss(UserError):
     """The loss became NaN/Inf; the message names the step and the last good checkpoint."""
 
 
-class Prefetcher:
-    """Yields the batches of steps start, start+1, ... built by a background thread, `size` ahead."""
-
-    def __init__(self, make_batch, start, stop, size=2):
-        self._queue = queue.Queue(maxsize=size)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(make_batch, start, stop), daemon=True)
-        self._thread.start()
-
-    def _run(self, make_batch, start, stop):
-        for step in range(start, stop):
-            try:
-                item = make_batch(step)
-            except Exception as e:  # handed to the loop, which re-raises it
-                item = e
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
-            if self._stop.is_set() or isinstance(item, Exception):
-                return
-
-    def __next__(self):
-        item = self._queue.get()
-        if isinstance(item, Exception):
-            raise item
-        return item
-
-    def close(self):
-        self._stop.set()
-        self._thread.join()
-
-
-class StopRequest:
-    """SIGTERM/SIGINT set a flag that the loop checks after each step (it then saves and returns)."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        del frame
-        print(f'received {signal.Signals(signum).name}: saving a checkpoint and stopping', flush=True)
-        self.requested = True
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
-
-
 def check_source(source, config):
     if tuple(source.shape) != tuple(config.data.shape):
         raise UserError(f'data.shape={tuple(config.data.shape)} but data set {config.data.name!r} has examples '
                         f'of shape {tuple(source.shape)}')
-
-
-class Refresher:
-    """Rows that last several steps (`losses.Rows.period` > 1) go through the loss's refresh hook once per period;
-    its output joins each batch of the period. Rows of period 1 pass straight to the step."""
-
-    def __init__(self, loss, parallel, batch_size, seed, augment=None):
-        self.rows = [r for r in loss.rows(batch_size) if r.period > 1]
-        self.refresh = loss.hooks.refresh
-        if self.rows and self.refresh is None:
-            raise ValueError('a loss piece asks for rows with a period but has no refresh hook')
-        self.period = self.rows[0].period if self.rows else None
-        self.key = train_step_lib.refresh_key(seed)
-        self.cached = None
-        self.parallel = parallel
-        # One process with several devices: the refresh runs on one device and its output is then split over the
-        # mesh. Under the mesh, XLA:CPU deadlocks in the collectives around a host callback (the exact
-        # assignment), seen with 8 CPU devices; the rows are one pool, cheap to move.
-        self._one_device = None
-        if parallel.name == 'jit' and jax.process_count() == 1 and parallel.mesh.devices.size > 1:
-            self._one_device = parallel.mesh.devices.flat[0]
-        if self.refresh is not None:
-            # the output joins batches sharded on axis 0: it must come out that way (pmap: per device)
-            shardings = {'out_shardings': mesh_lib.batch_sharding(parallel.mesh)} \
-                if parallel.name == 'jit' and self._one_device is None else {}
-            self._refresh = jax.jit(lambda rows, key: self.refresh(rows, key, augment), **shardings)
-
-    def __call__(self, step, batch):
-        if not self.rows:
-            return batch
-        names = [name for r in self.rows for name in (r.name, r.name + '_label')]
-        if any(name in batch for name in names):
-            fetched = {name: batch[name] for name in names}
-            key = jax.random.fold_in(self.key, step // self.period)
-            if self._one_device is None:
-                self.cached = self._refresh(fetched, key)
-            else:
-                fetched, key = jax.device_put((fetched, key), self._one_device)
-                self.cached = jax.device_put(self._refresh(fetched, key), mesh_lib.batch_sharding(self.parallel.mesh))
-        batch = {name: value for name, value in batch.items() if name not in names}
-        return {**batch, **self.cached}
 
 
 def run(config, workdir, *, source=None, devices=None):
@@ -145,103 +44,85 @@ def run(config, workdir, *, source=None, devices=None):
     mesh = mesh_lib.make_mesh(devices)
     mesh_lib.check_batch_size(t.batch_size, mesh)
     setup = train_step_lib.build(config)
-    setup.loss.check(batch_size=t.batch_size, num_devices=mesh.devices.size, parallelism=setup.parallelism)
-    parallel = train_step_lib.parallel(setup.parallelism, mesh)
+    placement = train_step_lib.parallel(setup.parallelism, mesh)
+    setup.loss.check(batch_size=setup.batch_size, num_devices=placement.num_devices, parallelism=placement.name,
+                     host_callbacks_in_step=placement.host_callbacks_in_step)
     source = data_lib.build(config.data) if source is None else source
     check_source(source, config)
+    generator = None
+    if t.sample_every_steps:
+        generator = sampling.generator(config, mesh, trained_lib.denoiser_fn_for(setup.model, setup.precond))
+    cadence = {'log': t.log_every_steps, loop.CHECKPOINT: t.checkpoint_every_steps,
+               'sample': t.sample_every_steps if generator is not None else 0}
 
-    num_steps = train_step_lib.total_steps(config)
     is_main = jax.process_index() == 0
     with workdir_lock.hold(workdir, enabled=is_main):
         checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=t.keep_checkpoints)
-        state = _initial_state(config, workdir, setup, parallel, mesh, checkpoints)
         try:
-            return _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps, is_main, state)
+            return train(setup, placement, source, checkpoints, cadence=cadence, generator=generator,
+                         num_samples=config.sampling.num_samples, is_main=is_main)
         finally:
             checkpoints.wait_until_finished()
             checkpoints.close()
 
 
-def _initial_state(config, workdir, setup, parallel, mesh, checkpoints):
-    abstract = train_step_lib.abstract_state(config, setup.modules, setup.optimizer, mesh)
-    if checkpoints.latest_step() is not None:
-        step, state = checkpoint_lib.restore_latest(workdir, abstract, set_aside=True)
-        checkpoints.reload()
-        print(f'resuming from {checkpoints.directory}/{step}', flush=True)
-        return parallel.put_state(state)
-    init = jax.jit(lambda key: train_step_lib.init_state(setup.modules, setup.optimizer, tuple(config.data.shape),
-                                                         key), out_shardings=mesh_lib.replicated(mesh))
-    return parallel.put_state(init(train_step_lib.root_keys(config.training.seed)[0]))
+def train(setup, placement, source, checkpoints, *, cadence, generator=None, num_samples=0, is_main=True):
+    """The model trainer: `setup` (train_step.build) placed by `placement` on the data of `source`, resumed from
+    or saved to `checkpoints`; cadence {'log', 'checkpoint', 'sample': every n steps}. Returns the final
+    TrainState."""
+    workdir = checkpoints.workdir
+    start, state = loop.restore_or_init(checkpoints, setup.abstract_state(placement.mesh),
+                                        lambda: setup.init_state(placement.mesh))
+    state = placement.put_state(state)
+    num_params = sum(x.size for x in jax.tree.leaves(placement.get_state(state).params))
+    num_devices = placement.num_devices
+    print(f'training {num_params:,} parameters for steps {start}..{setup.num_steps} (batch {setup.batch_size} on '
+          f'{num_devices} device{"s" if num_devices > 1 else ""}, {placement.name}) in {workdir}', flush=True)
 
+    train_step = placement.compile(setup.train_step)
+    refresher = train_step_lib.Refresher(setup, placement)
+    reset_metrics = placement.jit_replicated(train_step_lib.zero_metrics)
+    log = logger_lib.Logger(workdir, total_steps=setup.num_steps, batch_size=setup.batch_size, enabled=is_main)
 
-def _loop(config, workdir, setup, parallel, mesh, source, checkpoints, num_steps, is_main, state):
-    t = config.training
-    start = int(jax.device_get(parallel.get_state(state).step))
-    num_params = sum(x.size for x in jax.tree.leaves(parallel.get_state(state).params))
-    print(f'training {num_params:,} parameters for steps {start}..{num_steps} (batch {t.batch_size} on '
-          f'{mesh.devices.size} device{"s" if mesh.devices.size > 1 else ""}, {setup.parallelism}) in {workdir}',
-          flush=True)
+    def step_fn(carry, step, batch):
+        state, metrics = carry
+        return train_step(state, metrics, refresher(step, batch))
 
-    train_step = parallel.compile(setup.train_step)
-    generator = None
-    if t.sample_every_steps:
-        trained_fn = generate.denoiser_fn_for(setup.model, setup.loss.parameterization.precond)
-        generator = generate.Generator(config, trained_fn, mesh)
-    log = logger_lib.Logger(workdir, total_steps=num_steps, batch_size=t.batch_size, enabled=is_main)
-    reset_metrics = parallel.jit_replicated(train_step_lib.zero_metrics)
-    metrics = reset_metrics()
-    refresher = Refresher(setup.loss, parallel, t.batch_size, t.seed,
-                          augment=train_step_lib.augment_fn(config.get('augment')))
-    make_batch = train_step_lib.make_batch_fn(source, setup.loss, batch_size=t.batch_size, seed=t.seed,
-                                              start=start, with_index=setup.parallelism == 'pmap')
-    batches = Prefetcher(lambda step: parallel.put_batch(make_batch(step)), start, num_steps)
-    in_flight = mesh_lib.max_steps_in_flight(mesh)
+    def on_due(carry, done, due):
+        state, metrics = carry
+        fetched = jax.device_get(placement.get_state(metrics))
+        if fetched['first_nonfinite_step'] >= 0:
+            raise NonFiniteLoss(f'loss is NaN/Inf at step {fetched["first_nonfinite_step"]}; stopped without '
+                                f'saving; last good checkpoint: {_describe_latest(checkpoints)}')
+        if 'log' in due:
+            num = max(fetched.pop('num_steps'), 1)
+            scalars = {'loss': fetched.pop('loss_sum') / num, 'learning_rate': fetched.pop('learning_rate')}
+            fetched.pop('first_nonfinite_step')
+            scalars.update({name: value / num for name, value in fetched.items()})
+            log.progress(done, scalars)
+            metrics = reset_metrics()
+        if 'sample' in due:
+            samples = generator(train_step_lib.ema_item(placement.get_state(state)), num_samples)
+            if is_main:
+                picture = images.picture(samples)
+                path = images.save_picture(os.path.join(workdir, 'samples', f'step_{done:08d}.png'), picture)
+                log.image('samples', picture, done)
+                print(f'wrote {path}', flush=True)
+        return state, metrics
+
+    def items(carry):
+        plain = placement.get_state(carry[0])
+        return {'state': plain, 'ema': train_step_lib.ema_item(plain)}
+
     try:
-        with StopRequest() as stop:
-            for step in range(start, num_steps):
-                state, metrics = train_step(state, metrics, refresher(step, next(batches)))
-                done = step + 1
-                if step == start:
-                    jax.block_until_ready(state)  # compile time stays out of images/s
-                    log.start(done)
-                elif in_flight and done % in_flight == 0:
-                    jax.block_until_ready(state)
-                stopping = stop.requested   # read once: a signal arriving later in this step waits for the next
-                last = done == num_steps or stopping
-                log_now = done % t.log_every_steps == 0 or last
-                save_now = done % t.checkpoint_every_steps == 0 or last
-                sample_now = generator is not None and (done % t.sample_every_steps == 0 or last)
-                if log_now or save_now or sample_now:
-                    fetched = jax.device_get(parallel.get_state(metrics))
-                    if fetched['first_nonfinite_step'] >= 0:
-                        raise NonFiniteLoss(f'loss is NaN/Inf at step {fetched["first_nonfinite_step"]}; stopped '
-                                            f'without saving; last good checkpoint: '
-                                            f'{_describe_latest(checkpoints)}')
-                    if log_now:
-                        num = max(fetched.pop('num_steps'), 1)
-                        scalars = {'loss': fetched.pop('loss_sum') / num,
-                                   'learning_rate': fetched.pop('learning_rate')}
-                        fetched.pop('first_nonfinite_step')
-                        scalars.update({name: value / num for name, value in fetched.items()})
-                        log.progress(done, scalars)
-                        metrics = reset_metrics()
-                if save_now:
-                    plain = parallel.get_state(state)
-                    checkpoints.save(done, plain, ema=train_step_lib.ema_item(plain))
-                if sample_now:
-                    samples = generator(train_step_lib.ema_item(parallel.get_state(state)),
-                                        config.sampling.num_samples)
-                    if is_main:
-                        picture = images.picture(samples)
-                        path = images.save_picture(os.path.join(workdir, 'samples', f'step_{done:08d}.png'), picture)
-                        log.image('samples', picture, done)
-                        print(f'wrote {path}', flush=True)
-                if stopping:
-                    break
+        state, _ = loop.run(
+            (state, reset_metrics()), start=start, num_steps=setup.num_steps, step_fn=step_fn,
+            batch_fn=train_step_lib.batch_fn(setup, source, placement, start), cadence=cadence, on_due=on_due,
+            checkpoints=checkpoints, items=items, max_steps_in_flight=placement.max_steps_in_flight,
+            on_first_step=log.start)
     finally:
-        batches.close()
         log.close()
-    return parallel.get_state(state)
+    return placement.get_state(state)
 
 
 def _describe_latest(checkpoints):

@@ -6,32 +6,23 @@
 
 Reads only the EMA item of config.discriminator.model_workdir's newest readable checkpoint; generates
 num_generated + num_heldout unguided samples with config.sampling (or reuses WORKDIR/generated.npz, or the npz of
-config.discriminator.generated_path), then trains real vs generated, checkpointing and resuming like training.
-Guided sampling then reads the workdir: --config.sampling.guidance.discriminator_workdir=WORKDIR.
+config.discriminator.generated_path), then trains real vs generated, checkpointing, resuming and stopping on
+SIGTERM like training. Guided sampling then reads the workdir: --config.sampling.guidance.discriminator_workdir=WORKDIR.
 """
 import os
 
 import jax
 
-from jaxdiff.drivers import config_check, discriminator_training, generate, images, mesh as mesh_lib
 from jaxdiff import data as data_lib
-from jaxdiff.drivers import workdir_lock
 from jaxdiff.core.errors import UserError
-from jaxdiff.modes import train as train_mode
-
-
-def unguided(config):
-    """config with config.sampling.guidance off: the discriminator learns the model's own samples."""
-    config = config.copy_and_resolve_references()
-    if 'guidance' in config.sampling and config.sampling.guidance:
-        with config.unlocked():
-            config.sampling.guidance.discriminator_workdir = None
-    return config
+from jaxdiff.drivers import config_check, discriminator_training, images, mesh as mesh_lib, sampling
+from jaxdiff.drivers import trained as trained_lib
+from jaxdiff.drivers import workdir_lock
 
 
 def generated_samples(config, workdir, trained, mesh, settings):
-    """{'image', 'label'} of num_generated + num_heldout unguided samples: read from the npz, or generated and
-    written to WORKDIR/generated.npz."""
+    """{'image', 'label'} of num_generated + num_heldout unguided samples (the discriminator learns the model's own
+    samples): read from the npz, or generated and written to WORKDIR/generated.npz."""
     num = settings['num_generated'] + settings['num_heldout']
     path = settings['generated_path'] or os.path.join(workdir, discriminator_training.GENERATED_FILE)
     rows = discriminator_training.load_generated(path, num)
@@ -40,7 +31,7 @@ def generated_samples(config, workdir, trained, mesh, settings):
         return rows
     if settings['generated_path']:
         raise UserError(f'config.discriminator.generated_path={path} does not exist')
-    generator = generate.Generator(unguided(config), trained.denoiser_fn, mesh, progress='generating')
+    generator = sampling.generator(config, mesh, trained.denoiser_fn, guided=False, progress='generating')
     samples = generator(trained.variables, num)
     if jax.process_index() == 0:
         images.save_npz(path, samples=samples, labels=generator.labels, step=trained.step, nfe=generator.nfe)
@@ -61,16 +52,14 @@ def run(config, workdir, *, source=None, devices=None):
     config_check.check_sampling(config)
     mesh_lib.initialize_distributed(**config.distributed)
     mesh = mesh_lib.make_mesh(devices)
-    trained = generate.restore(config, settings['model_workdir'], mesh)
+    trained = trained_lib.restore(config, settings['model_workdir'], mesh)
     source = data_lib.build(config.data) if source is None else source
     with workdir_lock.hold(workdir, enabled=jax.process_index() == 0):
         rows = generated_samples(config, workdir, trained, mesh, settings)
         split = settings['num_generated']
         heldout = {'real': discriminator_training.heldout_real(config.data, source, settings['num_heldout']),
                    'generated': {name: value[split:] for name, value in rows.items()}}
-        with train_mode.StopRequest() as stop:
-            return discriminator_training.train(
-                config, workdir, real_source=source, heldout=heldout,
-                generated={name: value[:split] for name, value in rows.items()}, frozen=trained.variables,
-                denoiser_fn=trained.denoiser_fn, mesh=mesh, model_step=trained.step,
-                should_stop=lambda: stop.requested)
+        return discriminator_training.train(
+            config, workdir, real_source=source, heldout=heldout,
+            generated={name: value[:split] for name, value in rows.items()}, frozen=trained.variables,
+            denoiser_fn=trained.denoiser_fn, mesh=mesh, model_step=trained.step)

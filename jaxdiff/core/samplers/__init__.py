@@ -1,7 +1,8 @@
 """Sampler registry: `samplers.get(name, **options)` -> `sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False)`.
 
-Every sampler returns `(x0, info)` with `info['nfe']` the denoiser calls per sample and, when asked,
-`info['trajectory']` of shape [len(sigmas), B, ...] (x at every grid point, x_T first). See SPEC.md.
+Every sampler returns `(x0, info)` with `info['nfe']` the denoiser calls per sample (declared),
+`info['network_evaluations']` and `info['gradient_evaluations']` (counted from what each call declares, common.py)
+and, when asked, `info['trajectory']` of shape [len(sigmas), B, ...] (x at every grid point, x_T first). See SPEC.md.
 Every sampler also declares its cost and order (`common.Sampler`): `sampler.nfe(num_points, ends_at_zero=True)`,
 `sampler.num_points_for(nfe, ends_at_zero=True)` (num_points = len(sigmas)) and `sampler.order`.
 
@@ -20,6 +21,11 @@ _REGISTRY = {
     'dpmpp_2m': 'multistep:dpmpp_2m',
     'dpmpp_3m': 'multistep:dpmpp_3m',
     'ipndm': 'multistep:ipndm',
+    'ipndm_v': 'multistep:ipndm_v',
+    'unipc': 'unipc:unipc',
+    'deis': 'deis:deis',
+    'euler_ancestral': 'sde:euler_ancestral',
+    'dpmpp_2m_sde': 'sde:dpmpp_2m_sde',
     'ddim': 'ddim:ddim',
     'gmm_ddim': 'gmm_ddim:gmm_ddim',
     'amed': 'amed:amed',

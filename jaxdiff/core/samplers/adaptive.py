@@ -8,7 +8,10 @@ x0 = D(x, sigmas[-2]). Run in float64 with tight tolerances it is the reference 
 NFE: Tsit5 and Dopri5 are FSAL (first stage = last stage of the previous step), so each attempted step, accepted or
 rejected, costs 6 new calls, plus 1 call at the start (diffrax 0.7 shares it between the first stage and its
 initial step-size guess; counted with a callback for Tsit5 and Dopri5 at three tolerances). info['nfe'] =
-6 * num_steps + 1 (+1 for the step into 0); tests/test_samplers.py counts the calls.
+6 * num_steps + 1 (+1 for the step into 0); tests/test_samplers.py counts the calls. info['network_evaluations'] and
+info['gradient_evaluations'] are (nfe, 0) for a plain denoiser; for a denoiser that declares its `evaluations`
+(a guidance transform) they are absent: the solver's evaluation points lie inside diffrax's loop, where a declared
+cost cannot be counted without host callbacks.
 """
 import diffrax
 import jax.numpy as jnp
@@ -65,13 +68,22 @@ def adaptive(*, solver='tsit5', rtol=1e-5, atol=1e-5, max_steps=4096, denoise_to
         trajectory = None
         if return_trajectory:
             trajectory = jnp.concatenate([x_T[None], states], axis=0)
+        # diffrax counts its calls (nfe); the calls after the solve go through common.evaluate like every step's
+        state = common.State(x, (), common.Evaluations(jnp.asarray(nfe, jnp.int32), jnp.zeros((), jnp.int32)))
         if ends_at_zero:
-            x = denoiser(x, positive[-1])
+            x0_hat, state = common.evaluate(denoiser, x, positive[-1], state)
+            state = state._replace(x=x0_hat)
             nfe = nfe + 1
             if return_trajectory:
-                trajectory = jnp.concatenate([trajectory, x[None]], axis=0)
-        x = common.denoise_to_zero_step('adaptive', denoiser, x, sigmas, denoise_to_zero)
-        return common.finish('adaptive', x, nfe + int(denoise_to_zero), trajectory)
+                trajectory = jnp.concatenate([trajectory, x0_hat[None]], axis=0)
+        if denoise_to_zero:
+            state = common.denoise_to_zero('adaptive', denoiser, state, sigmas)
+        x0, info = common.finish('adaptive', state, nfe + int(denoise_to_zero), trajectory)
+        if hasattr(denoiser, 'evaluations'):
+            # the solver's own calls are at points it chooses inside its loop: their declared costs cannot be
+            # counted without host callbacks, so a declaring denoiser gets no counted evaluations here
+            del info['network_evaluations'], info['gradient_evaluations']
+        return x0, info
 
     # cost None: the solver chooses its steps, so its NFE is known only from info['nfe'] (common.Sampler)
     return common.Sampler('adaptive', sampler, cost=None, order=_ORDERS[solver],

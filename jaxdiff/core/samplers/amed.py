@@ -8,7 +8,9 @@ sigma-space, d(x, t) = (x - D(x, t)) / t (SPEC.md). For each grid interval t_n -
   d_mid = (y_n - D(y_n, a_n s_n)) / s_n   (a_n rescales only the model's time input)
   x_{n+1} = second sub-step from s_n to t_{n+1}, its increment scaled by c_n
 
-Base solvers (`base`), each formula with the symbols above (Eq. 11 is AMED-Solver; Sec. 3.4 the plugin):
+Base solvers (`base`), each formula with the symbols above (Eq. 11 is AMED-Solver; Sec. 3.4 the plugin). Every
+sub-step is the base solver's own update (ode.euler_update, ode.dpm2_update with the step size h scaled by c_n,
+multistep.push / advance), so AMED adds only s_n, a_n and c_n:
   None (AMED-Solver): y = x_n + (s_n - t_n) d_n;  x_{n+1} = x_n + c_n (t_{n+1} - t_n) d_mid             (Eq. 11)
   'dpm2':  y as above; x_{n+1} = x_n + c_n (t_{n+1} - t_n) [d_mid / (2 r_n) + (1 - 1 / (2 r_n)) d_n]
            (DPM-Solver-2 with the learned r; Lu et al. 2022, Alg. 1 in sigma-space)
@@ -37,12 +39,13 @@ bottleneck [B, P], t_cur [B], t_next [B]) -> (r, c, a)` (models/amed_predictor.p
 `predict(features, t_cur, t_next) -> (r, c, a)` (features None: it reads no bottleneck). The bottleneck reaches it
 through the aux convention of samplers/common.py (`with_aux`), averaged over channels and flattened to [B, H*W].
 """
+import functools
+
 import jax
 import jax.numpy as jnp
 
-from jaxdiff.core.samplers import multistep
-from jaxdiff.core.samplers.common import (Cost, Sampler, afs_direction, call_denoiser, finish, is_concrete, prepare,
-                                     scan_grid)
+from jaxdiff.core.samplers import common, multistep, ode
+from jaxdiff.core.samplers.common import per_example
 from jaxdiff.core.samplers.ode import direction
 
 NAME = 'amed'
@@ -95,140 +98,139 @@ def bottleneck_features(aux, batch, num_bottleneck, dtype=jnp.float32):
     return features
 
 
-# --- per-sample broadcasting ---------------------------------------------------------------------------------
-
-def _per_sample(v, x):
-    """A scalar or [B] value shaped to broadcast against x [B, ...]."""
-    v = jnp.asarray(v)
-    return v.reshape((-1,) + (1,) * (x.ndim - 1)) if v.ndim == 1 else v
-
-
 # --- base-solver history (multistep bases carry past model outputs across sub-steps) -----------------------
 
 def init_history(base, x, max_order=4):
-    """The empty history of `base`, newest first: iPNDM keeps the last max_order directions d, DPM-Solver++(2M)
-    the last 2 x0_hat, each with its sigma per sample (the intermediate times s_n differ across the batch);
-    single-step bases keep nothing. Unused slots never reach an update (lax.switch on the order)."""
+    """The empty history of `base` (a multistep.History, newest first): iPNDM keeps the last max_order directions d,
+    DPM-Solver++(2M) the last 2 x0_hat, each with its sigma per example (the intermediate times s_n differ across
+    the batch); single-step bases keep nothing, ()."""
     if base not in MULTISTEP_BASES:
         return ()
-    size = max_order if base == 'ipndm' else 2
-    return {'values': jnp.zeros((size,) + x.shape, x.dtype), 'sigmas': jnp.ones((size, x.shape[0]), x.dtype),
-            'count': jnp.zeros((), jnp.int32)}
+    return multistep.empty_history(max_order if base == 'ipndm' else 2, x, jnp.ones(x.shape[:1], x.dtype))
 
 
 def _multistep_substep(base, x, history, value, t, u, c=1.0, first_order=False):
     """Pushes (value, t) into the history and steps the multistep base from t to u with order min(stored, max)
-    (1 where `first_order`, a bool or traced bool: lower_order_final's last sub-step):
-    iPNDM: x_u = x + (u - t) sum_j w_j d_j (multistep.ipndm_update); DPM-Solver++(2M): x_u = (u/t) x - expm1(-h)
-    (m0 + D1_0 / 2) (multistep.dpmpp_update). c scales the increment over the base's free part (x, resp. (u/t) x),
-    as AMED-Plugin does. Returns (x_u, history)."""
-    values = jnp.concatenate([value[None], history['values'][:-1]], axis=0)
-    sigma = jnp.broadcast_to(jnp.asarray(t, x.dtype), x.shape[:1])
-    sigmas = jnp.concatenate([sigma[None], history['sigmas'][:-1]], axis=0)
-    count = jnp.minimum(history['count'] + 1, values.shape[0])
-    sigmas_x = sigmas.reshape(sigmas.shape[:2] + (1,) * (x.ndim - 1))     # [K, B, 1, ...]
-    u_x = _per_sample(u, x)
-    if base == 'ipndm':
-        update = lambda k: multistep.ipndm_update(x, values, sigmas_x[0], u_x, k)
-        free = x
-    else:
-        update = lambda k: multistep.dpmpp_update(x, values, sigmas_x, u_x, k)
-        free = (u_x / sigmas_x[0]) * x
-    order = jnp.where(first_order, 1, count)
-    x_u = jax.lax.switch(order - 1, [lambda k=k: update(k) for k in range(1, values.shape[0] + 1)])
-    x_u = free + _per_sample(c, x) * (x_u - free)
-    return x_u, {'values': values, 'sigmas': sigmas, 'count': count}
+    (1 where `first_order`, a bool or traced bool: lower_order_final's last sub-step), by the base's own update
+    (multistep.advance: iPNDM x_u = x + (u - t) sum_j w_j d_j; DPM-Solver++(2M) x_u = (u/t) x - expm1(-h)
+    (m0 + D1_0 / 2)). AMED-Plugin scales the increment over the base's free part (x, resp. (u/t) x) by c.
+    Returns (x_u, history)."""
+    history = multistep.push(history, value, t)
+    u_x = per_example(u, x)
+    order = jnp.where(first_order, 1, history.count)
+    x_u = multistep.advance('ipndm' if base == 'ipndm' else 'dpmpp', x, history, u_x, order)
+    free = x if base == 'ipndm' else (u_x / per_example(history.sigmas[0], x)) * x
+    return free + per_example(c, x) * (x_u - free), history
 
 
 # --- one interval ----------------------------------------------------------------------------------------------
 
-def _evaluate(denoiser, x, t, i, afs, num_bottleneck):
-    """x0_hat at (x, t) and the predictor's bottleneck features; with `afs`, interval i == 0 uses the AFS
-    direction instead of a call (lax.cond: only the taken branch runs, so the call is really saved)."""
+def _evaluate(denoiser, x, t, i, state, afs, num_bottleneck):
+    """(x0_hat, the predictor's bottleneck features, state) at (x, t), the call counted in the state; with `afs`,
+    interval i == 0 uses the AFS direction instead of a call (lax.cond: only the taken branch runs and counts)."""
     batch = x.shape[0]
 
     def call():
         if num_bottleneck is None:
-            return call_denoiser(denoiser, x, t), None
-        x0_hat, aux = call_denoiser(denoiser, x, t, with_aux=True)
-        return x0_hat, bottleneck_features(aux, batch, num_bottleneck)
+            x0_hat, evaluated = common.evaluate(denoiser, x, t, state)
+            return x0_hat, None, evaluated
+        x0_hat, aux, evaluated = common.evaluate_with_aux(denoiser, x, t, state)
+        return x0_hat, bottleneck_features(aux, batch, num_bottleneck), evaluated
 
     if not afs:
         return call()
 
     def analytic_first_step():
         features = None if num_bottleneck is None else jnp.zeros((batch, num_bottleneck), jnp.float32)
-        return x - t * afs_direction(x, t), features
+        return x - t * common.afs_direction(x, t), features, state
 
     return jax.lax.cond(i == 0, analytic_first_step, call)
 
 
-def interval(denoiser, predict, state, i, t_cur, t_next, *, base=None, afs=False, num_bottleneck=None,
-             lower_order_final=False, num_intervals=None):
-    """One AMED interval t_cur -> t_next from state (x, history); returns (x_next, history).
-
-    The formulas per base are in the module docstring. A pure function of `predict`'s closed-over parameters,
-    so jax.grad flows through r, c, a (and through r into the second denoiser call via s_n).
-    lower_order_final (dpmpp_2m base): interval i == num_intervals - 1 (the last of the grid) ends with a
-    first-order sub-step."""
+def amed_step(denoiser, state, i, t_cur, t_next, *, predict, base=None, afs=False, num_bottleneck=None,
+              lower_order_final=False, num_intervals=None):
+    """One AMED interval t_cur -> t_next as a fixed-grid step (common.State: x, the base's history as memory, the
+    counted evaluations). The formulas per base are in the module docstring; each sub-step is the base solver's
+    own update (ode.euler_update, ode.dpm2_update, multistep.advance) with AMED's s_n and c_n.
+    A pure function of `predict`'s closed-over parameters, so jax.grad flows through r, c, a (and through r into
+    the second denoiser call via s_n). lower_order_final (dpmpp_2m base): interval i == num_intervals - 1 (the last
+    of the grid) ends with a first-order sub-step."""
     if lower_order_final and num_intervals is None:
         raise ValueError('amed.interval: lower_order_final needs num_intervals (len(sigmas) - 1)')
-    x, history = state
-    x0_hat, features = _evaluate(denoiser, x, t_cur, i, afs, num_bottleneck)
+    x, history = state.x, state.memory
+    x0_hat, features, state = _evaluate(denoiser, x, t_cur, i, state, afs, num_bottleneck)
     d_cur = direction(x, x0_hat, t_cur)
 
     def into_zero():
         # first order into sigma = 0 for every base (as dpm2, ipndm, dpmpp_2m do): x_N = x_n - t_n d_n = x0_hat
-        return x0_hat, history
+        return state._replace(x=x0_hat)
 
     def two_calls():
         r, c, a = predict(features, t_cur, t_next)
-        s = t_cur ** (1 - r) * t_next ** r                    # s_n, scalar or [B]
-        s_x, r_x, c_x = _per_sample(s, x), _per_sample(r, x), _per_sample(c, x)
+        s = ode.dpm2_intermediate(t_cur, t_next, r)             # s_n, scalar or [B] (Eq. 10)
+        s_x, r_x, c_x = per_example(s, x), per_example(r, x), per_example(c, x)
         # first sub-step t_n -> s_n
         if base in MULTISTEP_BASES:
             y, hist = _multistep_substep(base, x, history, d_cur if base == 'ipndm' else x0_hat, t_cur, s)
         else:
-            y, hist = x + (s_x - t_cur) * d_cur, history
-        x0_mid = call_denoiser(denoiser, y, jnp.asarray(a) * s)    # a_n scales the model time only
+            y, hist = ode.euler_update(x, d_cur, s_x - t_cur), history
+        x0_mid, evaluated = common.evaluate(denoiser, y, jnp.asarray(a) * s, state)   # a_n scales the model time only
         d_mid = direction(y, x0_mid, s_x)
         # second sub-step s_n -> t_{n+1}, its increment scaled by c_n
         if base is None:
-            x_next = x + c_x * (t_next - t_cur) * d_mid
+            x_next = ode.euler_update(x, d_mid, c_x * (t_next - t_cur))                 # Eq. 11
         elif base == 'dpm2':
-            x_next = x + c_x * (t_next - t_cur) * ((1 / (2 * r_x)) * d_mid + (1 - 1 / (2 * r_x)) * d_cur)
+            x_next = ode.dpm2_update(x, d_cur, d_mid, c_x * (t_next - t_cur), r_x)
         elif base == 'euler':
-            x_next = y + c_x * (t_next - s_x) * d_mid
+            x_next = ode.euler_update(y, d_mid, c_x * (t_next - s_x))
         else:
             last = jnp.logical_and(lower_order_final, i == (num_intervals or 0) - 1)
             x_next, hist = _multistep_substep(base, y, hist, d_mid if base == 'ipndm' else x0_mid, s, t_next, c,
                                               first_order=last)
-        return x_next, hist
+        return evaluated._replace(x=x_next, memory=hist)
 
     # A concrete t_next (jit disabled, or a caller's Python loop) picks the branch in Python; a traced one uses
-    # lax.cond, which runs only the taken branch: either way the NFE count stays honest.
-    if is_concrete(t_next):
+    # lax.cond, which runs only the taken branch: either way the counted evaluations stay honest.
+    if common.is_concrete(t_next):
         return two_calls() if float(t_next) > 0 else into_zero()
     return jax.lax.cond(t_next > 0, two_calls, into_zero)
 
 
+def interval(denoiser, predict, state, i, t_cur, t_next, *, base=None, afs=False, num_bottleneck=None,
+             lower_order_final=False, num_intervals=None):
+    """`amed_step` from state = (x, history), for the predictor's training (drivers/amed_train.py, one interval at
+    a time): returns (x_next, history)."""
+    x, history = state
+    state = amed_step(denoiser, common.State(x, history, common.no_evaluations()), i, t_cur, t_next,
+                      predict=predict, base=base, afs=afs, num_bottleneck=num_bottleneck,
+                      lower_order_final=lower_order_final, num_intervals=num_intervals)
+    return state.x, state.memory
+
+
 def cost(afs=False):
     """2 calls per interval into sigma > 0, 1 into sigma = 0, minus the call AFS saves."""
-    return Cost(per_step=2, into_zero=1, saved=int(afs))
+    return common.Cost(per_step=2, into_zero=1, saved=int(afs))
+
+
+def _init(*, predict, num_bottleneck=None, base=None, afs=False, max_order=4, lower_order_final=False):
+    """init(x_T, sigmas, key) -> (amed_step of this grid, the base's empty history) for common.fixed_grid / solve."""
+    def init(x_T, sigmas, key):
+        del key  # deterministic
+        step = functools.partial(amed_step, predict=predict, base=base, afs=afs, num_bottleneck=num_bottleneck,
+                                 lower_order_final=lower_order_final, num_intervals=sigmas.shape[0] - 1)
+        return step, init_history(base, x_T, max_order)
+    return init
 
 
 def run(denoiser, x_T, sigmas, *, predict, num_bottleneck=None, base=None, afs=False, max_order=4,
         lower_order_final=False, return_trajectory=False):
-    """The whole AMED solve as one lax.scan over the grid: (x0, nfe, trajectory or None). Pure in predict's
-    parameters (the training and the sampler share it)."""
-    def step(state, i, t_cur, t_next):
-        return interval(denoiser, predict, state, i, t_cur, t_next, base=base, afs=afs,
-                        num_bottleneck=num_bottleneck, lower_order_final=lower_order_final,
-                        num_intervals=sigmas.shape[0] - 1)
-
-    (x0, _), trajectory = scan_grid(step, (x_T, init_history(base, x_T, max_order)), sigmas, lambda state: state[0],
-                                    return_trajectory)
-    return x0, cost(afs).of_grid(sigmas), trajectory
+    """The whole AMED solve (common.solve, one lax.scan over the grid): (x0, nfe, trajectory or None). Pure in
+    predict's parameters."""
+    init = _init(predict=predict, num_bottleneck=num_bottleneck, base=base, afs=afs, max_order=max_order,
+                 lower_order_final=lower_order_final)
+    step, memory = init(x_T, sigmas, None)
+    state, trajectory = common.solve(step, denoiser, x_T, sigmas, memory, return_trajectory)
+    return state.x, cost(afs).of_grid(sigmas), trajectory
 
 
 def resolve_lower_order_final(base, lower_order_final):
@@ -269,12 +271,6 @@ def amed(*, predictor=None, params=None, base=None, afs=False, max_order=4, lowe
     order = declared_order(predictor, base, max_order)
     predict, num_bottleneck = resolve_predictor(predictor, params)
 
-    def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
-        del key  # deterministic
-        x_T, sigmas = prepare(NAME, x_T, sigmas)
-        x0, nfe, trajectory = run(denoiser, x_T, sigmas, predict=predict, num_bottleneck=num_bottleneck,
-                                  base=base, afs=afs, max_order=max_order, lower_order_final=lower_order_final,
-                                  return_trajectory=return_trajectory)
-        return finish(NAME, x0, nfe, trajectory)
-
-    return Sampler(NAME, sampler, cost=cost(afs), order=order, options=options)
+    init = _init(predict=predict, num_bottleneck=num_bottleneck, base=base, afs=afs, max_order=max_order,
+                 lower_order_final=lower_order_final)
+    return common.fixed_grid(NAME, init, cost=cost(afs), order=order, options=options)

@@ -1,24 +1,109 @@
-"""Conventions every sampler shares: the denoiser call (with optional aux), grid checks, per-step noise, output checks.
+"""Conventions every sampler shares, and the one driver of the fixed-grid solvers.
 
-Denoiser interface: a denoiser is a pure function `D(x, sigma) -> x0_hat`. A denoiser that can also expose
-internal activations (the UNet bottleneck that AMED's predictor reads) additionally carries an attribute
-`with_aux(x, sigma) -> (x0_hat, aux)` where `aux` is a dict (e.g. {'bottleneck': [B, 8, 8, C]}).
-`call_denoiser` is the one place that knows this.
+Denoiser interface (SPEC.md): a denoiser is a pure function `D(x, sigma) -> x0_hat`. It may carry two attributes:
+  with_aux(x, sigma) -> (x0_hat, aux)           internal activations as a dict (e.g. the UNet's bottleneck,
+                                                {'bottleneck': [B, 8, 8, C]}, that a learned step reads);
+                                                `call_with_aux`
+  evaluations(x, sigma) -> (network, gradient)  int32 scalars: what one call costs (a transform that takes the
+                                                gradient of a network declares it, one that runs the model twice
+                                                two network evaluations); a denoiser without it costs (1, 0);
+                                                `declared_evaluations`
+
+Fixed-grid solvers are written as steps with explicit state (as diffrax's solvers are): a solver's
+`init(x_T, sigmas, key) -> (step, memory)` gives the step of one run, `step(denoiser, state, i, t, t_next) -> state`,
+and the memory it starts from (a multistep history, a log ratio, or ()). `fixed_grid` makes the Sampler: ONE lax.scan
+(`solve`) runs the step over the grid, then the optional denoise_to_zero call, and `finish` builds info. Every
+denoiser call inside a step goes through `evaluate` (or `evaluate_first`, `evaluate_with_aux`), which adds the call's
+declared evaluations to the counters carried in the state: counting is part of the computation, so it holds inside
+lax.cond branches (only the taken branch counts), scan, jit, vmap and pmap, with no host callbacks.
+
+info of every sampler: 'nfe' (the declared `Cost.of_grid`: a Python int on a concrete grid), 'network_evaluations'
+and 'gradient_evaluations' (counted, int32, per batched call, i.e. per sample) and, when asked, 'trajectory'.
 """
 import dataclasses
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxdiff.core import precond
 
-def call_denoiser(denoiser, x, sigma, with_aux=False):
-    """Returns x0_hat (and aux, {} for a plain denoiser, when `with_aux`). sigma: scalar or [B]."""
-    if not with_aux:
-        return denoiser(x, sigma)
+
+# --- evaluations: what a denoiser call costs, and counting it -----------------------------------------------
+
+class Evaluations(NamedTuple):
+    """Network and gradient evaluations (int32 scalars), per batched call: one call evaluates every example once."""
+    network: jax.Array
+    gradient: jax.Array
+
+    def plus(self, other):
+        return Evaluations(self.network + other.network, self.gradient + other.gradient)
+
+
+def no_evaluations():
+    return Evaluations(jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+
+
+def declared_evaluations(denoiser, x, sigma):
+    """What one call D(x, sigma) costs: the denoiser's own `evaluations(x, sigma)`, or (1, 0) for a plain one."""
+    declare = getattr(denoiser, 'evaluations', None)
+    network, gradient = (1, 0) if declare is None else declare(x, sigma)
+    return Evaluations(jnp.asarray(network, jnp.int32), jnp.asarray(gradient, jnp.int32))
+
+
+def call_with_aux(denoiser, x, sigma):
+    """(x0_hat, aux) of one call: the denoiser's `with_aux`, or aux = {} for a plain denoiser. sigma: scalar or [B]."""
     if hasattr(denoiser, 'with_aux'):
         return denoiser.with_aux(x, sigma)
     return denoiser(x, sigma), {}
+
+
+class State(NamedTuple):
+    """What a fixed-grid solver carries from grid point to grid point."""
+    x: jax.Array                 # the sample at the current grid point
+    memory: Any                  # the solver's own state: a multistep history, a log ratio, or ()
+    evaluations: Evaluations     # counted so far in this run
+
+
+def tally(state, denoiser, x, sigma):
+    """`state` with one call D(x, sigma)'s declared evaluations added: for a call that a step makes in its pieces
+    (samplers/guided.py); every other call uses `evaluate`."""
+    return state._replace(evaluations=state.evaluations.plus(declared_evaluations(denoiser, x, sigma)))
+
+
+def evaluate(denoiser, x, sigma, state):
+    """(x0_hat, state): x0_hat = D(x, sigma), its declared evaluations added to the state's counters."""
+    return denoiser(x, sigma), tally(state, denoiser, x, sigma)
+
+
+def evaluate_with_aux(denoiser, x, sigma, state):
+    """(x0_hat, aux, state): `evaluate` through the aux convention (`call_with_aux`)."""
+    x0_hat, aux = call_with_aux(denoiser, x, sigma)
+    return x0_hat, aux, tally(state, denoiser, x, sigma)
+
+
+def afs_direction(x, sigma):
+    """Analytical first step (AFS; Zhou, Chen, Wang, Chen 2024, Sec. 3.3): at sigma_max the data is negligible against
+    the noise, so d = (x - D) / sigma is replaced by d = x / sqrt(1 + sigma^2) without calling the denoiser."""
+    return x / jnp.sqrt(1 + sigma ** 2)
+
+
+def evaluate_first(denoiser, x, sigma, i, state, afs=False):
+    """`evaluate` at the start of grid step i; with `afs`, at i == 0 the AFS estimate x - sigma afs_direction(x, sigma)
+    replaces the call (lax.cond: only the taken branch runs and counts, so the call really is saved)."""
+    if not afs:
+        return evaluate(denoiser, x, sigma, state)
+    return jax.lax.cond(i == 0, lambda: (x - sigma * afs_direction(x, sigma), state),
+                        lambda: evaluate(denoiser, x, sigma, state))
+
+
+def per_example(v, x):
+    """A sigma-like value v shaped to broadcast against x [B, ...]: per example ([B]) as precond.per_example
+    ([B, 1, ..., 1]), a scalar as it is, so that steps on a shared sigma keep XLA's scalar arithmetic (and the
+    samplers their numbers, bit for bit)."""
+    v = jnp.asarray(v)
+    return v if v.ndim == 0 else precond.per_example(v, x)
 
 
 def is_concrete(*arrays):
@@ -56,7 +141,7 @@ def check_finite(x, name):
     return x
 
 
-# --- shared pieces of the fixed-grid solvers (one lax.scan over the grid; see ode.py, multistep.py, ddim.py) ---
+# --- inputs, costs and the Sampler ---------------------------------------------------------------------------
 
 def prepare(name, x_T, sigmas, min_len=2):
     """Checks the start sample and the grid; returns (x_T, sigmas) with sigmas cast to x_T's float dtype."""
@@ -68,7 +153,7 @@ def prepare(name, x_T, sigmas, min_len=2):
 
 def require_key(name, key, why):
     if key is None:
-        raise ValueError(f'sampler {name!r} draws noise ({why}): pass key=jax.random.PRNGKey(...)')
+        raise ValueError(f'sampler {name!r} draws noise ({why}): pass key=jax.random.key(...)')
     return key
 
 
@@ -127,8 +212,8 @@ class Sampler:
 
     `info['nfe']` of a run is `cost.of_grid(sigmas)`, the same declaration; tests count the calls. `order` is that of
     the update from full history on a smooth ODE (warm-start steps of multistep methods and the first-order step
-    into sigma = 0 not counted; at most 1 with AFS); None where it does not apply (stochastic samplers, a learned
-    AMED predictor).
+    into sigma = 0 not counted; at most 1 with AFS); None where it does not apply (stochastic samplers, learned
+    steps).
     A sampler that chooses its own steps (adaptive) has cost None: its NFE is known only from info['nfe'].
     """
 
@@ -143,7 +228,7 @@ class Sampler:
         return self._run(denoiser, x_T, sigmas, key=key, return_trajectory=return_trajectory)
 
     def __repr__(self):
-        def show(value):   # a predictor or weight array by its type only: error messages stay one line
+        def show(value):   # a learned model or weight array by its type only: error messages stay one line
             return repr(value) if value is None or isinstance(value, (bool, int, float, str)) else type(value).__name__
         options = ', '.join(f'{k}={show(v)}' for k, v in self.options.items())
         return f"samplers.get({self.name!r}{', ' if options else ''}{options})"
@@ -185,56 +270,62 @@ class Sampler:
         return text + (f' - {cost.saved}' if cost.saved else '')
 
 
-def afs_direction(x, sigma):
-    """Analytical first step (AFS; Zhou et al. 2024, AMED-Solver): at sigma_max the data is negligible against
-    the noise, so d = (x - D) / sigma is replaced by d = x / sqrt(1 + sigma^2) without calling the denoiser."""
-    return x / jnp.sqrt(1 + sigma ** 2)
+# --- the driver of every fixed-grid solver ------------------------------------------------------------------
 
-
-def denoise(denoiser, x, sigma, i=None, afs=False):
-    """x0_hat = D(x, sigma); with `afs`, at grid index i == 0 the AFS estimate x - sigma * afs_direction(x, sigma)
-    replaces the call (lax.cond: only the taken branch runs, so the call really is saved)."""
-    if not afs:
-        return denoiser(x, sigma)
-    return jax.lax.cond(i == 0, lambda: x - sigma * afs_direction(x, sigma), lambda: denoiser(x, sigma))
-
-
-def scan_grid(step, carry, sigmas, x_of, return_trajectory):
-    """Runs `carry = step(carry, i, t, t_next)` for every grid step i in one lax.scan.
-
-    Returns the final carry and, when `return_trajectory`, x at every grid point [len(sigmas), B, ...] (x_T first),
-    `x_of(carry)` picking x out of the carry."""
-    x_T = x_of(carry)
-
-    def body(carry, inputs):
+def solve(step, denoiser, x_T, sigmas, memory=(), return_trajectory=False):
+    """Runs `state = step(denoiser, state, i, t, t_next)` for every grid step i in one lax.scan, from x_T and `memory`
+    with no evaluations counted. Returns the final State and, when `return_trajectory`, x at every grid point
+    [len(sigmas), B, ...] (x_T first), else None."""
+    def body(state, inputs):
         i, t, t_next = inputs
-        carry = step(carry, i, t, t_next)
-        return carry, (x_of(carry) if return_trajectory else None)
+        state = step(denoiser, state, i, t, t_next)
+        return state, (state.x if return_trajectory else None)
 
     steps = (jnp.arange(sigmas.shape[0] - 1), sigmas[:-1], sigmas[1:])
-    carry, xs = jax.lax.scan(body, carry, steps)
+    state, xs = jax.lax.scan(body, State(x_T, memory, no_evaluations()), steps)
     trajectory = jnp.concatenate([x_T[None], xs], axis=0) if return_trajectory else None
-    return carry, trajectory
+    return state, trajectory
 
 
-def denoise_to_zero_step(name, denoiser, x, sigmas, enabled):
-    """Optional final jump x0 = D(x, sigmas[-1]) for grids ending above 0 (`denoise_to_zero`, as in the score_sde /
-    k-diffusion samplers; Cost.final counts it). On a grid that already ends at 0 it is a ValueError."""
-    if not enabled:
-        return x
+def denoise_to_zero(name, denoiser, state, sigmas):
+    """The final jump x0 = D(x, sigmas[-1]) on a grid ending above 0 (`denoise_to_zero`, as in the score_sde /
+    k-diffusion samplers; Cost.final declares it). On a grid that already ends at 0 it is a ValueError; on a traced
+    grid the call runs (and counts) only when sigmas[-1] > 0."""
     sigma_last = sigmas[-1]
+
+    def jump():
+        x0, counted = evaluate(denoiser, state.x, sigma_last, state)
+        return counted._replace(x=x0)
+
     if is_concrete(sigma_last):
         if not float(sigma_last) > 0:
             raise ValueError(f'sampler {name!r}: denoise_to_zero needs a grid ending above 0; this grid already '
                              f'ends at sigma=0 (its last step is the jump to 0)')
-        return denoiser(x, sigma_last)
-    return jax.lax.cond(sigma_last > 0, lambda: denoiser(x, sigma_last), lambda: x)
+        return jump()
+    return jax.lax.cond(sigma_last > 0, jump, lambda: state)
 
 
-def finish(name, x0, nfe, trajectory):
-    """The (x0, info) pair every sampler returns (nfe: its Cost.of_grid); ValueError on a concrete non-finite x0."""
-    check_finite(x0, name)
-    info = {'nfe': nfe}
+def finish(name, state, nfe, trajectory):
+    """The (x0, info) pair every sampler returns: nfe (its Cost.of_grid), the counted evaluations of `state` and the
+    trajectory when there is one; ValueError on a concrete non-finite x0."""
+    check_finite(state.x, name)
+    info = {'nfe': nfe, 'network_evaluations': state.evaluations.network,
+            'gradient_evaluations': state.evaluations.gradient}
     if trajectory is not None:
         info['trajectory'] = trajectory
-    return x0, info
+    return state.x, info
+
+
+def fixed_grid(name, init, *, cost, order, options):
+    """The Sampler of a fixed-grid solver. `init(x_T, sigmas, key) -> (step, memory)` checks what the run needs
+    (a key, the data's shape) and gives its step, the run's constants closed over; `solve` drives it, Cost.final
+    (the denoise_to_zero option) adds the final call, and info['nfe'] is `cost.of_grid(sigmas)`."""
+    def run(denoiser, x_T, sigmas, key=None, return_trajectory=False):
+        x_T, sigmas = prepare(name, x_T, sigmas)
+        step, memory = init(x_T, sigmas, key)
+        state, trajectory = solve(step, denoiser, x_T, sigmas, memory, return_trajectory)
+        if cost.final:
+            state = denoise_to_zero(name, denoiser, state, sigmas)
+        return finish(name, state, cost.of_grid(sigmas), trajectory)
+
+    return Sampler(name, run, cost=cost, order=order, options=options)

@@ -12,6 +12,8 @@ method on the PF-ODE (x0_hat + sigma_s eps_hat = x + (sigma_s - sigma_t) eps_hat
 Reusable pieces (GMM-DDIM builds on them): `ddim_step_moments` gives the Gaussian transition
 x_s ~ N(mean, sigma_up^2 I); `ddim_noise_scales` gives (sigma_up, sigma_down); `ddim_step` draws from it.
 """
+import functools
+
 import jax.numpy as jnp
 
 from jaxdiff.core.samplers import common
@@ -39,26 +41,27 @@ def ddim_step(x, x0_hat, sigma_t, sigma_s, eta, z=None):
     return mean if z is None else mean + sigma_up * z
 
 
+def ddim_sample_step(denoiser, state, i, t, t_next, *, eta, key, afs=False):
+    """One DDIM step of the grid from sigma_t = t to sigma_s = t_next: x0_hat = D(x, t) (AFS at i == 0), then
+    `ddim_step` with the step's noise z = common.step_noise(key, i) when eta > 0."""
+    x = state.x
+    x0_hat, state = common.evaluate_first(denoiser, x, t, i, state, afs)
+    z = common.step_noise(key, i, x.shape, x.dtype) if eta > 0 else None
+    return state._replace(x=ddim_step(x, x0_hat, t, t_next, eta, z))
+
+
 def ddim(*, eta=0.0, afs=False, denoise_to_zero=False):
     """DDIM sampler (one call per step; NFE = number of steps). eta > 0 needs a key. Order 1 at eta = 0."""
     if not eta >= 0:
         raise ValueError(f'ddim: eta must be >= 0, got {eta!r}')
-    cost = common.Cost(per_step=1, into_zero=1, saved=int(afs), final=int(denoise_to_zero))
 
-    def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
-        x_T, sigmas = common.prepare('ddim', x_T, sigmas)
+    def init(x_T, sigmas, key):
         if eta > 0:
             common.require_key('ddim', key, f'eta={eta}')
-
-        def step(x, i, t, t_next):
-            x0_hat = common.denoise(denoiser, x, t, i, afs)
-            z = common.step_noise(key, i, x.shape, x.dtype) if eta > 0 else None
-            return ddim_step(x, x0_hat, t, t_next, eta, z)
-
-        x, trajectory = common.scan_grid(step, x_T, sigmas, lambda x: x, return_trajectory)
-        x = common.denoise_to_zero_step('ddim', denoiser, x, sigmas, denoise_to_zero)
-        return common.finish('ddim', x, cost.of_grid(sigmas), trajectory)
+        return functools.partial(ddim_sample_step, eta=eta, key=key, afs=afs), ()
 
     # eta = 0 is Euler's method (first order); with noise it is no ODE solver
-    return common.Sampler('ddim', sampler, cost=cost, order=1 if eta == 0 else None,
-                          options=dict(eta=eta, afs=afs, denoise_to_zero=denoise_to_zero))
+    return common.fixed_grid('ddim', init, cost=common.Cost(per_step=1, into_zero=1, saved=int(afs),
+                                                            final=int(denoise_to_zero)),
+                             order=1 if eta == 0 else None,
+                             options=dict(eta=eta, afs=afs, denoise_to_zero=denoise_to_zero))

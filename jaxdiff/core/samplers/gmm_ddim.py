@@ -42,8 +42,8 @@ so `scale` s means what it means in the paper (an L2 norm in alpha-bar space, wh
 Randomness, all from the sampler key: z of step i is `common.step_noise(key, i, ...)` exactly as in ddim, so with
 scale = 0 this sampler returns ddim's samples for the same eta and key (common random numbers); the component
 k ~ Cat(pi) of each sample is drawn from fold_in(fold_in(key, i), 1) (`component_choice`); the offsets from
-fold_in(key, OFFSETS_STREAM) (or from PRNGKey(offsets_seed) to keep them fixed across calls), set j of a per-step
-variant from fold_in(that key, j), so a set does not depend on the grid length.
+fold_in(key, OFFSETS_STREAM) (or from jax.random.key(offsets_seed) to keep them fixed across calls), set j of a
+per-step variant from fold_in(that key, j), so a set does not depend on the grid length.
 
 Choices the paper leaves open (keyword options):
   last_step_offsets=False  Eq. 7 uses the mixture for t > 1 only: the last step (into sigmas[-1], sigma = 0 on the
@@ -252,14 +252,9 @@ def gmm_ddim(*, eta=0.0, variant='ortho', num_components=None, scale=1.0, weight
                    last_step_offsets=last_step_offsets, offsets_seed=offsets_seed)
     weights = _check_options(eta, variant, num_components, scale, weights, delta_form, covariance, vub_coordinates)
     stochastic = eta > 0 or scale > 0
-    cost = common.Cost(per_step=1, into_zero=1)
 
-    def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
-        x_T, sigmas = common.prepare('gmm_ddim', x_T, sigmas)
-        if not stochastic:
-            key = None
-        else:
-            common.require_key('gmm_ddim', key, f'eta={eta}, scale={scale}')
+    def init(x_T, sigmas, key):
+        key = common.require_key('gmm_ddim', key, f'eta={eta}, scale={scale}') if stochastic else None
         batch, dim = x_T.shape[0], int(np.prod(x_T.shape[1:]))
         num_steps = sigmas.shape[0] - 1
         if variant != 'rand' and num_components > dim:
@@ -268,21 +263,22 @@ def gmm_ddim(*, eta=0.0, variant='ortho', num_components=None, scale=1.0, weight
         pi = jnp.asarray(weights, x_T.dtype)
         offsets = None
         if scale > 0:
-            offsets_key = (jax.random.PRNGKey(offsets_seed) if offsets_seed is not None
+            offsets_key = (jax.random.key(offsets_seed) if offsets_seed is not None
                            else jax.random.fold_in(key, OFFSETS_STREAM))
             offsets = draw_offsets(offsets_key, variant=variant, num_sets=1 if variant == 'vub_star' else num_steps,
                                    dim=dim, num_components=num_components, weights=pi, scale=scale,
                                    delta_form=delta_form, covariance=covariance, vub_coordinates=vub_coordinates,
                                    dtype=x_T.dtype)
 
-        def step(x, i, t, t_next):
-            x0_hat = denoiser(x, t)
+        def step(denoiser, state, i, t, t_next):
+            x = state.x
+            x0_hat, state = common.evaluate(denoiser, x, t, state)
             mean, sigma_up = ddim_step_moments(x, x0_hat, t, t_next, eta)
             if key is None:
-                return mean
+                return state._replace(x=mean)
             z = common.step_noise(key, i, x.shape, x.dtype)
             if offsets is None:
-                return mean + sigma_up * z
+                return state._replace(x=mean + sigma_up * z)
             # gate = 0 on the last step unless last_step_offsets: that step is plain DDIM (Eq. 7 is for t > 1)
             gate = jnp.where(jnp.logical_or(last_step_offsets, i < num_steps - 1), 1.0, 0.0).astype(x.dtype)
             c_s = gate * jnp.sqrt(1 + t_next ** 2)
@@ -294,10 +290,10 @@ def gmm_ddim(*, eta=0.0, variant='ortho', num_components=None, scale=1.0, weight
             else:
                 noise = exact_noise(flat_z, sigma_up, c_s, offsets.basis[j], offsets.eigvecs[j][k],
                                     offsets.eigvals[j][k])
-            return mean + (c_s * offsets.delta[j][k] + noise).reshape(x.shape)
+            return state._replace(x=mean + (c_s * offsets.delta[j][k] + noise).reshape(x.shape))
 
-        x, trajectory = common.scan_grid(step, x_T, sigmas, lambda x: x, return_trajectory)
-        return common.finish('gmm_ddim', x, cost.of_grid(sigmas), trajectory)
+        return step, ()
 
     # not stochastic (eta = 0, scale = 0): exactly ddim, i.e. Euler
-    return common.Sampler('gmm_ddim', sampler, cost=cost, order=None if stochastic else 1, options=options)
+    return common.fixed_grid('gmm_ddim', init, cost=common.Cost(per_step=1, into_zero=1),
+                             order=None if stochastic else 1, options=options)

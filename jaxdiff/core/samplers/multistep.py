@@ -3,11 +3,17 @@
 Both families reuse the last few denoiser outputs. They start with lower orders (warm start: order min(max_order,
 i + 1) at step i) and take a first-order step into sigma = 0 (SPEC.md: the last step to 0 is first order; for
 DPM-Solver++ it is forced, since h = lambda_next - lambda is infinite there).
-Histories are stored newest first: hist[0] belongs to the current grid point, hist[1] to the previous one, ...
-The one-step updates `dpmpp_update` and `ipndm_update` are public so tests can start them from exact history.
+Each is a step `multistep_step` whose memory is a `History` (stored newest first: values[0] belongs to the current
+grid point, values[1] to the previous one, ...), driven by common.fixed_grid's one lax.scan.
+The one-step updates `dpmpp_update` and `ipndm_update` are public so tests can start them from exact history;
+`push` and `advance` are shared with AMED's multistep plugins (amed.py), whose histories hold per-example sigmas.
 """
+import functools
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxdiff.core.samplers import common
 from jaxdiff.core.samplers.ode import direction
@@ -74,56 +80,73 @@ def ipndm_update(x, d_hist, t, t_next, order):
     return x + (t_next - t) * slope
 
 
-def _step_order(i, t_next, max_order):
-    """Warm start min(max_order, i + 1), and 1 for the step into sigma = 0 (an int32 scalar)."""
-    order = jnp.minimum(max_order, i + 1)
-    return jnp.where(t_next > 0, order, 1)
+# --- the history and the step -------------------------------------------------------------------------------
+
+class History(NamedTuple):
+    """Past model outputs of a multistep solver, newest first."""
+    values: jax.Array    # [K, B, ...]: x0_hat (DPM-Solver++) or d = (x - x0_hat) / sigma (iPNDM)
+    sigmas: jax.Array    # [K] or [K, B] (per example, where the steps differ across the batch): each value's sigma
+    count: jax.Array     # int32: values stored so far, at most K
 
 
-def _push(hist, new):
-    return jnp.concatenate([new[None], hist[:-1]], axis=0)
+def empty_history(size, x, sigma):
+    """A History of `size` slots for samples like x; unused sigma slots hold `sigma` (a scalar or [B]). Unused slots
+    never reach an update: the order never exceeds `count` and lax.switch runs that order's branch only."""
+    sigma = jnp.asarray(sigma, x.dtype)
+    return History(jnp.zeros((size,) + x.shape, x.dtype), jnp.broadcast_to(sigma, (size,) + sigma.shape),
+                   jnp.zeros((), jnp.int32))
 
 
-def _multistep(name, max_order, afs, denoise_to_zero, history_of, update, order, options):
-    """Driver: carry (x, value history, sigma history); `history_of(x, x0_hat, t)` is the stored value (D or d);
-    `update(x, hist, sigma_hist, t, t_next, order)` a Python-int-order step, chosen with lax.switch. One call per
-    step (`cost`); `order` is the declared order of the full-history update."""
-    cost = common.Cost(per_step=1, into_zero=1, saved=int(afs), final=int(denoise_to_zero))
+def _push(stack, new):
+    return jnp.concatenate([new[None], stack[:-1]], axis=0)
 
-    def sampler(denoiser, x_T, sigmas, key=None, return_trajectory=False):
+
+def push(history, value, sigma):
+    """`history` with (value, sigma) in front; the oldest entry drops out."""
+    sigma = jnp.broadcast_to(jnp.asarray(sigma, history.sigmas.dtype), history.sigmas.shape[1:])
+    return History(_push(history.values, value), _push(history.sigmas, sigma),
+                   jnp.minimum(history.count + 1, history.values.shape[0]))
+
+
+def advance(update, x, history, t_next, order, form='published'):
+    """x at history.sigmas[0] stepped to t_next by the `update` ('dpmpp': `dpmpp_update`, 'ipndm': `ipndm_update`)
+    of `order`, an int32 scalar in 1..K chosen with lax.switch (only that branch runs)."""
+    sigmas = history.sigmas
+    if sigmas.ndim == 2:                           # per example: [K, B] -> [K, B, 1, ...]
+        sigmas = sigmas.reshape(sigmas.shape + (1,) * (x.ndim - 1))
+    if update == 'dpmpp':
+        branch = lambda k: dpmpp_update(x, history.values, sigmas, t_next, k, form)
+    else:
+        branch = lambda k: ipndm_update(x, history.values, sigmas[0], t_next, k)
+    return jax.lax.switch(order - 1, [lambda k=k: branch(k) for k in range(1, history.values.shape[0] + 1)])
+
+
+def multistep_step(denoiser, state, i, t, t_next, *, update, form='published', afs=False):
+    """One step of a linear multistep solver: x0_hat = D(x, t) (AFS at i == 0) joins the history (as x0_hat for
+    'dpmpp', as d for 'ipndm'), then x_next = `advance` with order min(K, i + 1) (warm start), 1 into sigma = 0."""
+    x = state.x
+    x0_hat, state = common.evaluate_first(denoiser, x, t, i, state, afs)
+    history = push(state.memory, x0_hat if update == 'dpmpp' else direction(x, x0_hat, t), t)
+    order = jnp.where(t_next > 0, history.count, 1)
+    return state._replace(x=advance(update, x, history, t_next, order, form), memory=history)
+
+
+def _multistep(name, max_order, afs, denoise_to_zero, update, form, order, options):
+    """The Sampler of `multistep_step` with a K = max_order history; one call per step (`cost`); `order` is the
+    declared order of the full-history update."""
+    def init(x_T, sigmas, key):
         del key
-        x_T, sigmas = common.prepare(name, x_T, sigmas)
-        hist = jnp.zeros((max_order,) + x_T.shape, x_T.dtype)
-        # unused history slots hold the current sigma: only the branch of the current order runs (lax.switch).
-        sigma_hist = jnp.full((max_order,), sigmas[0])
+        step = functools.partial(multistep_step, update=update, form=form, afs=afs)
+        return step, empty_history(max_order, x_T, sigmas[0])
 
-        def step(carry, i, t, t_next):
-            x, hist, sigma_hist = carry
-            x0_hat = common.denoise(denoiser, x, t, i, afs)
-            hist = _push(hist, history_of(x, x0_hat, t))
-            sigma_hist = _push(sigma_hist, t)
-            branches = [lambda k=k: update(x, hist, sigma_hist, t, t_next, k) for k in range(1, max_order + 1)]
-            x_next = jax.lax.switch(_step_order(i, t_next, max_order) - 1, branches)
-            return x_next, hist, sigma_hist
-
-        (x, _, _), trajectory = common.scan_grid(step, (x_T, hist, sigma_hist), sigmas, lambda c: c[0],
-                                                 return_trajectory)
-        x = common.denoise_to_zero_step(name, denoiser, x, sigmas, denoise_to_zero)
-        return common.finish(name, x, cost.of_grid(sigmas), trajectory)
-
-    return common.Sampler(name, sampler, cost=cost, order=order,
-                          options=dict(options, afs=afs, denoise_to_zero=denoise_to_zero))
-
-
-def _dpmpp(name, max_order, afs, denoise_to_zero, form, order, options):
-    return _multistep(name, max_order, afs, denoise_to_zero, lambda x, x0_hat, t: x0_hat,
-                      lambda x, hist, sigma_hist, t, t_next, k: dpmpp_update(x, hist, sigma_hist, t_next, k, form),
-                      order, options)
+    return common.fixed_grid(name, init, cost=common.Cost(per_step=1, into_zero=1, saved=int(afs),
+                                                          final=int(denoise_to_zero)),
+                             order=order, options=dict(options, afs=afs, denoise_to_zero=denoise_to_zero))
 
 
 def dpmpp_2m(*, afs=False, denoise_to_zero=False):
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2), data prediction, no thresholding; see `dpmpp_update`."""
-    return _dpmpp('dpmpp_2m', 2, afs, denoise_to_zero, 'published', 2, {})
+    return _multistep('dpmpp_2m', 2, afs, denoise_to_zero, 'dpmpp', 'published', 2, {})
 
 
 def dpmpp_3m(*, form='published', afs=False, denoise_to_zero=False):
@@ -155,13 +178,76 @@ def dpmpp_3m(*, form='published', afs=False, denoise_to_zero=False):
     """
     if form not in DPMPP_FORMS:
         raise ValueError(f'dpmpp_3m: form must be one of {", ".join(DPMPP_FORMS)}, got {form!r}')
-    return _dpmpp('dpmpp_3m', 3, afs, denoise_to_zero, form, 2 if form == 'published' else 3, dict(form=form))
+    return _multistep('dpmpp_3m', 3, afs, denoise_to_zero, 'dpmpp', form, 2 if form == 'published' else 3,
+                      dict(form=form))
 
 
 def ipndm(*, max_order=4, afs=False, denoise_to_zero=False):
     """iPNDM (Zhang & Chen 2023, DEIS; as used by AMED): Adams-Bashforth on d = (x - D) / sigma, orders 1..max_order."""
     if max_order not in (1, 2, 3, 4):
         raise ValueError(f'ipndm: max_order must be 1, 2, 3 or 4, got {max_order!r}')
-    return _multistep('ipndm', max_order, afs, denoise_to_zero, lambda x, x0_hat, t: direction(x, x0_hat, t),
-                      lambda x, hist, sigma_hist, t, t_next, k: ipndm_update(x, hist, t, t_next, k), max_order,
+    return _multistep('ipndm', max_order, afs, denoise_to_zero, 'ipndm', 'published', max_order,
                       dict(max_order=max_order))
+
+
+# --- iPNDM-v: variable-step Adams-Bashforth coefficients ------------------------------------------------------
+
+def ipndm_v_weights(t_next, sigma_hist, order):
+    """Weights w_j (newest first) of one iPNDM-v step x_next = x + (t_next - t) sum_j w_j d_j, `order` a Python int
+    1..4, t = sigma_hist[0]: the variable-step Adams-Bashforth weights, i.e. the exact integral over [t, t_next] of
+    the polynomial through the last `order` slopes d_j at their own sigmas s_j = sigma_hist[j] (Hairer, Norsett,
+    Wanner, "Solving ODEs I", III.5, the variable-step Adams methods):
+        w_j = (1 / (t_next - t)) int_t^{t_next} L_j(s) ds,   L_j(s) = prod_{m != j} (s - s_m) / (s_j - s_m),
+    integrated exactly by a 4-point Gauss-Legendre rule (exact to degree 7; L_j has degree <= 3). Order 2 is
+    w = (1 + h / (2 h1), -h / (2 h1)), h = t_next - t, h1 = t - s_1. On a uniform grid these are iPNDM's fixed weights
+    (IPNDM_WEIGHTS); on any grid they are DEIS 'rhoab' (deis.py computes the same integrals per grid).
+    Note: zju-pi/diff-sampler's `ipndm_v_sampler` uses closed forms that are exact only up to order 2: its order-3
+    weights integrate a quadratic exactly only for constant step ratios, and its order-4 weights are not AB4 even on
+    a uniform grid (backward-difference weight 11/24 for nabla^3 instead of 3/8), so they are not used here."""
+    if order == 1:
+        return (1.0,)
+    t = sigma_hist[0]
+    nodes = [sigma_hist[j] for j in range(order)]
+    gauss_x, gauss_w = (jnp.asarray(a, jnp.result_type(t)) for a in np.polynomial.legendre.leggauss(4))
+    s = 0.5 * (t_next - t) * gauss_x + 0.5 * (t_next + t)          # quadrature points on [t, t_next]
+    weights = []
+    for j in range(order):
+        basis = 1.0
+        for m in range(order):
+            if m != j:
+                basis = basis * (s - nodes[m]) / (nodes[j] - nodes[m])
+        weights.append(0.5 * jnp.sum(gauss_w * basis))                # (1 / h) int_t^{t_next} L_j
+    return tuple(weights)
+
+
+def ipndm_v_update(x, d_hist, sigma_hist, t_next, order):
+    """One iPNDM-v step: x_next = x + (t_next - t) sum_j w_j d_hist[j] with `ipndm_v_weights` (d newest first)."""
+    weights = ipndm_v_weights(t_next, sigma_hist, order)
+    return x + (t_next - sigma_hist[0]) * sum(w * d_hist[j] for j, w in enumerate(weights))
+
+
+def ipndm_v_step(denoiser, state, i, t, t_next, *, afs=False):
+    """d = (x - D(x, t)) / t joins the history; order min(K, i + 1) (warm start), 1 into sigma = 0."""
+    x = state.x
+    x0_hat, state = common.evaluate_first(denoiser, x, t, i, state, afs)
+    history = push(state.memory, direction(x, x0_hat, t), t)
+    order = jnp.where(t_next > 0, history.count, 1)
+    branches = [lambda k=k: ipndm_v_update(x, history.values, history.sigmas, t_next, k)
+                for k in range(1, history.values.shape[0] + 1)]
+    return state._replace(x=jax.lax.switch(order - 1, branches), memory=history)
+
+
+def ipndm_v(*, max_order=4, afs=False, denoise_to_zero=False):
+    """iPNDM-v: iPNDM with the variable-step Adams-Bashforth weights of non-uniform grids (`ipndm_v_weights`), orders
+    1..max_order (warm start), first order into sigma = 0, one call per step. Declared order max_order."""
+    if max_order not in (1, 2, 3, 4):
+        raise ValueError(f'ipndm_v: max_order must be 1, 2, 3 or 4, got {max_order!r}')
+
+    def init(x_T, sigmas, key):
+        del key
+        return functools.partial(ipndm_v_step, afs=afs), empty_history(max_order, x_T, sigmas[0])
+
+    return common.fixed_grid('ipndm_v', init, cost=common.Cost(per_step=1, into_zero=1, saved=int(afs),
+                                                               final=int(denoise_to_zero)),
+                             order=max_order, options=dict(max_order=max_order, afs=afs,
+                                                           denoise_to_zero=denoise_to_zero))
