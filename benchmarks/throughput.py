@@ -52,7 +52,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdiff.drivers import sampling, trained as trained_lib, mesh as mesh_lib, precision as precision_lib, train_step
+from jaxdiff.drivers import sampling as sampling_lib, trained as trained_lib, mesh as mesh_lib, precision as precision_lib, train_step
 from jaxdiff.bench import speed
 from jaxdiff.models import layers
 
@@ -276,7 +276,7 @@ def sampling_config(config, sample_steps):
 def make_sample_fn(setup, config, policy, sample_batch, sampling):
     """jit(variables, key) -> (x0, nfe) of the configured sampler and grid (one lax.scan), and
     jit(variables, x, sigma) -> D(x, sigma); variables = the EMA item {'params': ..., 'model_state': ...}."""
-    sampler, sigmas = sampling.sampler_and_grid(sampling)
+    sampler, sigmas = sampling_lib.sampler_and_grid(sampling)
     denoiser_fn = trained_lib.denoiser_fn_for(setup.model, setup.loss.parameterization.precond)
     shape = tuple(config.data.shape)
     label_dim = getattr(setup.model, 'label_dim', 0)

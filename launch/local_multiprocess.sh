@@ -8,7 +8,8 @@
 # CONFIG defaults to configs/toy2d_edm.py. Environment: DEVICES_PER_PROCESS (CPU devices of each process, default 4),
 # PORT (the coordinator's port, default a free one), PYTHON (default python). Process 0 prints here, process i > 0
 # to WORKDIR/logs/process_i.log. training.batch_size (the global batch) must divide by NUM_PROCESSES *
-# DEVICES_PER_PROCESS. When one process fails the others are stopped; the exit status is the failed one's.
+# DEVICES_PER_PROCESS. When one process fails the others are stopped; the exit status is the failed one's. Ctrl-C
+# or SIGTERM: every process saves the step they agree on and exits, and the script waits for them.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   awk 'NR == 1 { next } /^#/ { sub(/^# ?/, ""); print; next } { exit }' "$0"  # the comment above
@@ -33,8 +34,8 @@ mkdir -p "$workdir/logs"
 
 pids=()
 stop_all() { for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done; }
-trap stop_all EXIT
-trap 'exit 130' INT TERM
+trap stop_all EXIT                                 # one process failed: stop the others
+trap 'trap - EXIT; stop_all; wait; exit 130' INT TERM   # SIGTERM to each: they agree on a step, save it, exit
 for ((i = 0; i < num_processes; i++)); do
   command=(env JAX_PLATFORMS=cpu JAX_NUM_CPU_DEVICES="$devices" "$python" -m jaxdiff.main
            --config="$config" --workdir="$workdir"

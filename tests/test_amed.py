@@ -35,7 +35,7 @@ def _rel(a, b):
 
 def _neutral_params(module):
     """Predictor parameters whose heads give r = sigmoid(0) = 1/2, c = a = 1 whatever the input."""
-    params = module.init(jax.random.PRNGKey(0), jnp.zeros((1, module.num_bottleneck)), jnp.ones(1), jnp.ones(1))
+    params = module.init(jax.random.key(0), jnp.zeros((1, module.num_bottleneck)), jnp.ones(1), jnp.ones(1))
     params = jax.tree_util.tree_map_with_path(
         lambda path, p: jnp.zeros_like(p) if 'head' in jax.tree_util.keystr(path) else p, params)
     return params
@@ -91,7 +91,7 @@ def test_plugin_without_predictor_is_its_base_on_the_interleaved_grid(base):
 def test_declared_order_without_predictor_on_a_short_interval(x64):
     """predictor=None: the observed global order of each base on the interleaved grid is the declared one."""
     gmm = problems.get('mixture_4d').target(jnp.float64)
-    x = jax.random.normal(jax.random.PRNGKey(3), (16, 4), jnp.float64) * 2.5
+    x = jax.random.normal(jax.random.key(3), (16, 4), jnp.float64) * 2.5
     truth = analytic.reference_solve(gmm.denoiser, x, 2.0, 0.5, rtol=1e-12, atol=1e-12)
     counts = np.array([8, 16, 32])
     for base in (None, 'euler', 'ipndm', 'dpmpp_2m'):
@@ -108,7 +108,7 @@ def test_declared_order_without_predictor_on_a_short_interval(x64):
 def test_nfe_is_counted_calls_with_and_without_afs(base):
     gmm = _mixture()
     module = AMEDPredictor()
-    params = module.init(jax.random.PRNGKey(1), jnp.zeros((1, 64)), jnp.ones(1), jnp.ones(1))
+    params = module.init(jax.random.key(1), jnp.zeros((1, 64)), jnp.ones(1), jnp.ones(1))
     calls = {'n': 0}
 
     class Counting(_WithBottleneck):
@@ -198,7 +198,7 @@ def test_predictor_reads_the_bottleneck_and_zeros_without_one():
     gmm, sigmas = _mixture(), schedules.get('edm', num_steps=4)[:-1]
     x_T = _x_T(80.0)
     module = AMEDPredictor()
-    params = module.init(jax.random.PRNGKey(3), jnp.zeros((1, 64)), jnp.ones(1), jnp.ones(1))
+    params = module.init(jax.random.key(3), jnp.zeros((1, 64)), jnp.ones(1), jnp.ones(1))
     sampler = samplers.get('amed', predictor=(module, params))
     plain, _ = sampler(gmm.denoiser, x_T, sigmas)
     zero_bottleneck, _ = sampler(_WithBottleneck(gmm.denoiser, 0.0), x_T, sigmas)

@@ -19,7 +19,7 @@ def test_gmm_denoiser_equals_monte_carlo_posterior_mean(sigma):
     # w = N(x; x0, sigma^2 I); error bar from the delta method.
     gmm = _mixture()
     x = jnp.array([[0.3, -0.4], [-1.0, 1.2], [1.0, 1.0]])
-    x0 = np.asarray(gmm.sample(jax.random.PRNGKey(0), 400_000), np.float64)
+    x0 = np.asarray(gmm.sample(jax.random.key(0), 400_000), np.float64)
     exact = np.asarray(gmm.denoiser(x, sigma), np.float64)
     for b in range(x.shape[0]):
         logw = -np.sum((np.asarray(x[b], np.float64) - x0) ** 2, axis=1) / (2 * sigma ** 2)
@@ -58,7 +58,7 @@ def test_gmm_any_shape_dtype_and_per_example_sigma():
         # sigma -> infinity: the data mean; samples: the mixture's mean
         np.testing.assert_allclose(gmm64.denoiser(x[:1], 1e6)[0], jnp.tensordot(gmm64.weights, gmm64.means, 1),
                                    atol=1e-6)
-        samples = gmm64.sample(jax.random.PRNGKey(1), 20_000)
+        samples = gmm64.sample(jax.random.key(1), 20_000)
         assert samples.shape == (20_000, 4, 4, 2)
         np.testing.assert_allclose(samples.mean(0), jnp.tensordot(gmm64.weights, gmm64.means, 1), atol=0.05)
     gmm32 = _mixture()
@@ -106,7 +106,7 @@ def test_reference_solve_matches_the_closed_form_flow_of_a_gaussian():
     with jax.enable_x64(True):
         mu, s = jnp.array([[0.5, -1.0, 2.0]]), 0.3
         gauss = analytic.GaussianMixture(mu, jnp.array([s]), jnp.array([1.0]))
-        x_T = jax.random.normal(jax.random.PRNGKey(0), (4, 3), jnp.float64) * 80.0
+        x_T = jax.random.normal(jax.random.key(0), (4, 3), jnp.float64) * 80.0
         flow = lambda sigma: mu + np.sqrt(s ** 2 + sigma ** 2) / np.sqrt(s ** 2 + 80.0 ** 2) * (x_T - mu)
         np.testing.assert_allclose(analytic.reference_solve(gauss.denoiser, x_T, 80.0, 0.5), flow(0.5), atol=1e-8)
         np.testing.assert_allclose(analytic.reference_solve(gauss.denoiser, x_T, 80.0, 0.0), flow(0.0), atol=1e-8)

@@ -14,7 +14,7 @@ B, H, W, C = 6, 8, 8, 3
 
 @pytest.fixture(scope='module')
 def images():
-    return np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (B, H, W, C), minval=-1, maxval=1))
+    return np.asarray(jax.random.uniform(jax.random.key(0), (B, H, W, C), minval=-1, maxval=1))
 
 
 def params_with(**values):
@@ -31,18 +31,18 @@ def test_label_layout_has_nine_columns():
 
 
 def test_p0_is_identity_with_zero_labels(images):
-    out, labels = augment.augment(jax.random.PRNGKey(1), images, p=0)
+    out, labels = augment.augment(jax.random.key(1), images, p=0)
     np.testing.assert_array_equal(out, images)
     np.testing.assert_array_equal(labels, np.zeros((B, 9)))
     # a traced p = 0 goes through the resampling: all-zero parameters must still be the identity
-    out, labels = jax.jit(lambda key, x, p: augment.augment(key, x, p=p))(jax.random.PRNGKey(1), images, 0.0)
+    out, labels = jax.jit(lambda key, x, p: augment.augment(key, x, p=p))(jax.random.key(1), images, 0.0)
     np.testing.assert_allclose(out, images, atol=1e-6)
     np.testing.assert_array_equal(labels, np.zeros((B, 9)))
 
 
 def test_xflip_matches_numpy_and_labels_it(images):
     out, labels = jax.jit(lambda key, x: augment.augment(key, x, p=1.0, yflip=0, scale=0, rotate_frac=0, aniso=0,
-                                                         translate_frac=0))(jax.random.PRNGKey(2), images)
+                                                         translate_frac=0))(jax.random.key(2), images)
     flipped = labels[:, 0] == 1
     assert 0 < flipped.sum() < B and np.all(np.isin(labels[:, 0], [0, 1]))
     np.testing.assert_array_equal(out[flipped], images[flipped][:, :, ::-1])
@@ -73,7 +73,7 @@ def test_isotropic_scale_two_magnifies_about_the_centre():
 
 def test_labels_in_expected_ranges_and_firing_rates():
     images = jnp.zeros((4000, 4, 4, 1))
-    _, labels = jax.jit(lambda key, x: augment.augment(key, x, p=0.5))(jax.random.PRNGKey(3), images)
+    _, labels = jax.jit(lambda key, x: augment.augment(key, x, p=0.5))(jax.random.key(3), images)
     labels = np.asarray(labels)
     assert labels.shape == (4000, 9) and labels.dtype == np.float32
     assert np.all(np.isin(labels[:, :2], [0, 1]))
@@ -91,22 +91,22 @@ def test_labels_in_expected_ranges_and_firing_rates():
 
 def test_keys_and_consistency(images):
     run = jax.jit(lambda key, x: augment.augment(key, x, p=1.0))
-    out1, labels1 = run(jax.random.PRNGKey(4), images)
-    out2, labels2 = run(jax.random.PRNGKey(5), images)
-    again, _ = run(jax.random.PRNGKey(4), images)
+    out1, labels1 = run(jax.random.key(4), images)
+    out2, labels2 = run(jax.random.key(5), images)
+    again, _ = run(jax.random.key(4), images)
     assert out1.shape == images.shape and out1.dtype == images.dtype
     np.testing.assert_array_equal(out1, again)
     assert not np.allclose(out1, out2) and not np.allclose(labels1, labels2)
-    params = augment.sample_params(jax.random.PRNGKey(4), B, p=1.0)
+    params = augment.sample_params(jax.random.key(4), B, p=1.0)
     np.testing.assert_allclose(augment.transform(images, params), out1, atol=1e-5)
     np.testing.assert_allclose(augment.labels(params), labels1, atol=1e-6)
 
 
 def test_rejects_non_nhwc():
     with pytest.raises(ValueError, match=r'NHWC images \[B, H, W, C\]'):
-        augment.augment(jax.random.PRNGKey(0), jnp.zeros((8, 8, 3)), p=0.1)
+        augment.augment(jax.random.key(0), jnp.zeros((8, 8, 3)), p=0.1)
     with pytest.raises(ValueError, match='augment_p must be >= 0'):
-        augment.augment(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)), p=-0.1)
+        augment.augment(jax.random.key(0), jnp.zeros((1, 8, 8, 3)), p=-0.1)
 
 
 def test_batch_sharded_over_8_devices_matches_one_device():
@@ -114,12 +114,12 @@ def test_batch_sharded_over_8_devices_matches_one_device():
     devices = jax.devices()
     if len(devices) < 8:
         pytest.skip('needs the 8 simulated devices of tests/conftest.py')
-    images = jax.random.uniform(jax.random.PRNGKey(6), (16, 8, 8, 1), minval=-1, maxval=1)
+    images = jax.random.uniform(jax.random.key(6), (16, 8, 8, 1), minval=-1, maxval=1)
     run = lambda key, x: augment.augment(key, x, p=1.0)
-    expected, expected_labels = jax.jit(run)(jax.random.PRNGKey(7), images)
+    expected, expected_labels = jax.jit(run)(jax.random.key(7), images)
     mesh = Mesh(np.asarray(devices[:8]), ('data',))
     sharded = jax.device_put(images, NamedSharding(mesh, P('data')))
-    out, labels = jax.jit(run, out_shardings=NamedSharding(mesh, P('data')))(jax.random.PRNGKey(7), sharded)
+    out, labels = jax.jit(run, out_shardings=NamedSharding(mesh, P('data')))(jax.random.key(7), sharded)
     assert out.sharding.spec == P('data')
     np.testing.assert_allclose(out, expected, atol=1e-5)
     np.testing.assert_allclose(labels, expected_labels, atol=1e-6)

@@ -28,7 +28,7 @@ def test_ids_are_distinct_and_key_distinct_noise():
     assert len(set(keys.values())) == len(keys)
     # the solver table's three problems keep the noise they had (keyed on len(name) before the registry)
     for name in ('mixture_2d', 'gmm_16x16', 'digits'):
-        old = jax.random.fold_in(jax.random.PRNGKey(3), len(name))
+        old = jax.random.fold_in(jax.random.key(3), len(name))
         np.testing.assert_array_equal(jax.random.key_data(problems.get(name).noise_key(3)),
                                       jax.random.key_data(old))
 
@@ -40,7 +40,7 @@ def test_mixture_moments_and_modes_are_exact(name):
     # far from the data the posterior is the prior: D(x, sigma) -> E[x0] (error O(1 / sigma^2))
     x = jnp.zeros((1,) + problem.shape)
     np.testing.assert_allclose(np.asarray(problem.denoiser(x, 1e3)).ravel(), mean, atol=1e-4)
-    samples = np.asarray(problem.exact_samples(jax.random.PRNGKey(0), 20_000), np.float64).reshape(20_000, -1)
+    samples = np.asarray(problem.exact_samples(jax.random.key(0), 20_000), np.float64).reshape(20_000, -1)
     assert np.abs(np.cov(samples.T, bias=True) - cov).max() < 0.05 * np.abs(cov).max()
     target = problem.target()
     if name in ('separated_mixture', 'gmm_16x16', 'mixture_2d', 'eight_gaussians'):    # well-separated modes
@@ -57,7 +57,7 @@ def test_float64_twin_and_the_digits_set():
         problem.target(jnp.float64)
     with jax.enable_x64(True):
         twin = problems.get('mixture_2d').target(jnp.float64)
-        x = jax.random.normal(jax.random.PRNGKey(0), (16, 2), jnp.float64) * 2
+        x = jax.random.normal(jax.random.key(0), (16, 2), jnp.float64) * 2
         exact = twin.denoiser(x, 0.7)
         assert exact.dtype == jnp.float64
         np.testing.assert_allclose(problems.get('mixture_2d').denoiser(x.astype(jnp.float32), 0.7), exact,

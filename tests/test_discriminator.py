@@ -23,7 +23,7 @@ def _perturbed(params, seed, scale=0.1):
 
 def test_head_shapes_and_dependence_on_sigma_features_and_label():
     head = DiscriminatorHead(model_channels=16, num_blocks=1, num_heads=2, label_dim=3, dropout=0.1)
-    features = jax.random.normal(jax.random.PRNGKey(0), (2, 4, 4, 24))
+    features = jax.random.normal(jax.random.key(0), (2, 4, 4, 24))
     sigma = jnp.array([0.1, 5.0])
     labels = jax.nn.one_hot(jnp.array([0, 2]), 3)
     params = _perturbed(fast_jit(head.init)(jax.random.key(1, impl='rbg'), features, sigma, labels)['params'], 0)
@@ -51,14 +51,14 @@ def test_head_validation():
         DiscriminatorHead(model_channels=10).validate()
     head = DiscriminatorHead(model_channels=8, num_blocks=0, num_heads=1)
     with pytest.raises(ValueError, match='features'):
-        head.init(jax.random.PRNGKey(0), jnp.ones((2, 16)), jnp.ones(2))
+        head.init(jax.random.key(0), jnp.ones((2, 16)), jnp.ones(2))
 
 
 def test_mlp_discriminator_depends_on_x_and_sigma_and_guides():
     net = MLPDiscriminator(hidden_dim=32, num_layers=2, embedding_dim=16)
-    x = jax.random.normal(jax.random.PRNGKey(0), (4, 2))
+    x = jax.random.normal(jax.random.key(0), (4, 2))
     sigma = jnp.array([0.01, 0.3, 2.0, 40.0])
-    params = net.init(jax.random.PRNGKey(1), x, sigma)['params']
+    params = net.init(jax.random.key(1), x, sigma)['params']
     logit_fn = make_logit_fn(net.apply, params)
     logit = logit_fn(x, sigma)
     assert logit.shape == (4,)
@@ -78,14 +78,14 @@ def test_mlp_discriminator_depends_on_x_and_sigma_and_guides():
 def test_head_through_a_feature_network_guides_the_image():
     # a frozen "feature network" (a fixed conv with 2x downsampling) in front of the head: grad_x reaches the image
     head = DiscriminatorHead(model_channels=8, num_blocks=1, num_heads=1)
-    kernel = jax.random.normal(jax.random.PRNGKey(3), (3, 3, 3, 12)) * 0.3
+    kernel = jax.random.normal(jax.random.key(3), (3, 3, 3, 12)) * 0.3
 
     def features_fn(x, sigma):
         scaled = x / jnp.sqrt(1 + jnp.reshape(sigma, (-1, 1, 1, 1)) ** 2)
         return jax.lax.conv_general_dilated(scaled, kernel, (2, 2), 'SAME',
                                             dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
 
-    x = jax.random.normal(jax.random.PRNGKey(4), (2, 8, 8, 3))
+    x = jax.random.normal(jax.random.key(4), (2, 8, 8, 3))
     params = _perturbed(fast_jit(head.init)(jax.random.key(5, impl='rbg'), features_fn(x, 1.0), jnp.ones(2))['params'],
                         1)
     guided = guidance.discriminator_guided(lambda x, sigma: x * 0, make_logit_fn(head.apply, params, features_fn))

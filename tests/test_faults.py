@@ -2,13 +2,87 @@
 newest checkpoint is skipped (never deleted), a changed model, bad config values, a missing config file and a second
 process in the same workdir are each one `error:` line with exit code 2 and no traceback. The discriminator trainer
 runs on the same loop (drivers/loop.py): SIGTERM saves and stops, a resumed run is bit-identical, a corrupt newest
-checkpoint is set aside for the one before."""
+checkpoint is set aside for the one before. A run killed with kill -9 at any point of an asynchronous save (before,
+during and after its write) starts again from its newest committed checkpoint, the leftover removed with one line.
+
+This file is also the kill worker: `python tests/test_faults.py kill_worker POINT WORKDIR` (`kill_worker`)."""
 import glob
 import os
 import signal
 import subprocess
 import sys
 import time
+
+# ---------------------------------------------------------------- kill -9 during an asynchronous save
+# (first in the file: the kill worker needs none of the imports below)
+
+KILL_STEPS, KILL_EVERY, KILLED_STEP = 8, 2, 4   # checkpoints 2, 4, 6, 8; the save of step 4 is interrupted
+KILL_POINTS = ('before', 'during', 'after')
+
+
+def toy_step():
+    import jax
+    return jax.jit(lambda state, batch: {'w': state['w'] * 0.9 + batch, 'step': state['step'] + 1})
+
+
+def toy_batch(step):
+    import numpy as np
+    return np.random.default_rng(step).normal(size=(256, 256)).astype(np.float32)
+
+
+def toy_run(workdir, num_steps=KILL_STEPS):
+    """A small deterministic run on the loop skeleton (drivers/loop.py): state {'w': [256, 256], 'step'}, step s
+    adds the data of s; asynchronous checkpoints every 2 steps (keeping 3); resumes from the newest committed one.
+    Returns (first step, final state on the host)."""
+    import jax
+    import jax.numpy as jnp
+    from jaxdiff.drivers import checkpoint as checkpoint_lib, loop
+    checkpoints = checkpoint_lib.Checkpoints(workdir, keep_checkpoints=3)
+    init = lambda: {'w': jnp.zeros((256, 256), jnp.float32), 'step': jnp.zeros((), jnp.int32)}
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    step = toy_step()
+    try:
+        start, state = loop.restore_or_init(checkpoints, checkpoint_lib.abstract_like(jax.eval_shape(init), sharding),
+                                            init)
+        state = loop.run(state, start=start, num_steps=num_steps, step_fn=lambda state, s, batch: step(state, batch),
+                         batch_fn=toy_batch, cadence={loop.CHECKPOINT: KILL_EVERY}, checkpoints=checkpoints,
+                         items=lambda state: {'state': state, 'ema': {'w': state['w']}})
+    finally:
+        checkpoints.wait_until_finished()
+        checkpoints.close()
+    return start, jax.device_get(state)
+
+
+def kill_worker(point, workdir):
+    """toy_run, killed (SIGKILL, from orbax's threads) at `point` of the save of step KILLED_STEP: 'before' its
+    temporary directory has anything in it, 'during' (an item's arrays written, nothing committed), 'after' (the
+    step just renamed into place, orbax's bookkeeping after it not done)."""
+    from orbax.checkpoint._src.path import atomicity    # the hooks: orbax's atomic-rename commit
+    temporary = atomicity.AtomicRenameTemporaryPath
+    create, finalize = temporary.create, temporary.finalize
+    step_dir = os.path.join(os.path.abspath(workdir), 'checkpoints', str(KILLED_STEP))
+    kill = lambda: os.kill(os.getpid(), signal.SIGKILL)
+
+    async def create_then_kill(self):
+        path = await create(self)
+        if point == 'before' and str(self.get_final()) == step_dir:
+            kill()
+        return path
+
+    async def finalize_with_kill(self):
+        if point == 'during' and str(self.get()).startswith(step_dir + '.'):   # an item inside the step's tmp dir
+            kill()
+        result = await finalize(self)
+        if point == 'after' and str(self.get_final()) == step_dir:
+            kill()
+        return result
+    temporary.create, temporary.finalize = create_then_kill, finalize_with_kill
+    toy_run(workdir)
+
+
+if __name__ == '__main__' and sys.argv[1:2] == ['kill_worker']:
+    kill_worker(sys.argv[2], sys.argv[3])
+    sys.exit(f'{sys.argv[2]}: the run was not killed')
 
 import jax
 import ml_collections
@@ -167,3 +241,49 @@ def test_discriminator_corrupt_newest_checkpoint_is_set_aside_and_resumed_from_t
     assert len(skipped) == 1 and str(tmp_path / 'checkpoints' / '6') in skipped[0], err
     assert glob.glob(str(tmp_path / 'unreadable_checkpoints' / '6*')), 'the unreadable checkpoint must be kept'
     assert int(resumed.step) == 8 and leaves_equal(resumed, discriminator_8_steps)
+
+
+# ---------------------------------------------------------------- kill -9 during an asynchronous save
+
+@pytest.fixture(scope='module')
+def killed(tmp_path_factory):
+    """{point: workdir of a toy_run killed at that point of its save of step 4} (the workers run at once)."""
+    root = tmp_path_factory.mktemp('killed')
+    env = {**os.environ, 'JAX_PLATFORMS': 'cpu', 'JAX_NUM_CPU_DEVICES': '1', 'PYTHONPATH': ROOT}
+    env['XLA_FLAGS'] = ' '.join(f for f in env.get('XLA_FLAGS', '').split() if 'device_count' not in f)
+    workers = {point: subprocess.Popen([sys.executable, os.path.abspath(__file__), 'kill_worker', point,
+                                        str(root / point)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                       stderr=subprocess.STDOUT, text=True) for point in KILL_POINTS}
+    for point, worker in workers.items():
+        output = worker.communicate(timeout=300)[0]
+        assert worker.returncode == -signal.SIGKILL, f'{point}: exit {worker.returncode}\n{output[-3000:]}'
+    return {point: root / point for point in KILL_POINTS}
+
+
+def toy_reference(num_steps):
+    state = {'w': np.zeros((256, 256), np.float32), 'step': np.zeros((), np.int32)}
+    step = toy_step()
+    for s in range(num_steps):
+        state = step(state, toy_batch(s))
+    return jax.device_get(state)
+
+
+@pytest.mark.parametrize('point', KILL_POINTS)
+def test_kill_9_during_an_asynchronous_save_resumes_from_the_newest_committed_checkpoint(killed, point, capsys):
+    workdir = killed[point]
+    directory = workdir / 'checkpoints'
+    committed = [2, 4] if point == 'after' else [2]   # the step being saved counts once it is renamed into place
+    assert checkpoint.Checkpoints(workdir, read_only=True).all_steps() == committed
+    leftovers = sorted(os.path.basename(p) for p in glob.glob(str(directory / '*.orbax-checkpoint-tmp*')))
+    assert leftovers == ([] if point == 'after' else [f'{KILLED_STEP}.orbax-checkpoint-tmp'])
+
+    start, final = toy_run(workdir)
+    out, err = capsys.readouterr()
+    assert start == committed[-1] and f'resuming from {directory}/{start}' in out   # nothing committed is lost
+    removed = [line for line in err.splitlines() if line.startswith('removing')]
+    assert len(removed) == len(leftovers), err
+    if leftovers:
+        assert leftovers[0] in removed[0] and str(directory) in removed[0]
+    assert not glob.glob(str(directory / '*.orbax-checkpoint-tmp*'))                 # removed before the saves
+    assert checkpoint.Checkpoints(workdir, read_only=True).all_steps() == [4, 6, 8]
+    assert leaves_equal(final, toy_reference(KILL_STEPS))                              # as if never killed

@@ -28,7 +28,7 @@ def _x_T(sigma_max, batch=16, seed=1):
 
 def test_scale_zero_equals_ddim_and_small_scale_is_close():
     gmm, sigmas = _mixture(), schedules.get('edm', num_steps=6)
-    x_T, key = _x_T(float(sigmas[0])), jax.random.PRNGKey(7)
+    x_T, key = _x_T(float(sigmas[0])), jax.random.key(7)
     for eta in (0.0, 1.0):
         ref, ref_info = samplers.get('ddim', eta=eta)(gmm.denoiser, x_T, sigmas, key=key)
         out, info = samplers.get('gmm_ddim', eta=eta, scale=0.0)(gmm.denoiser, x_T, sigmas, key=key)
@@ -46,7 +46,7 @@ def test_scale_zero_equals_ddim_and_small_scale_is_close():
 def test_offsets_are_centred_and_ortho_directions_orthonormal():
     pi = jnp.asarray([0.1, 0.2, 0.3, 0.4])
     for variant in G.VARIANTS:
-        off = G.draw_offsets(jax.random.PRNGKey(0), variant=variant, num_sets=3, dim=48, num_components=4,
+        off = G.draw_offsets(jax.random.key(0), variant=variant, num_sets=3, dim=48, num_components=4,
                              weights=pi, scale=2.5)
         assert off.delta.shape == (3, 4, 48)
         np.testing.assert_allclose(np.einsum('k,skd->sd', pi, off.delta), 0.0, atol=1e-5)     # sum_k pi_k delta_k
@@ -65,7 +65,7 @@ def test_vub_bounds_bound_the_shared_covariance_offset():
     """Eq. 12: for orthonormal u, every eigenvalue of Delta_k = (1/(K pi_k)) sum_l pi_l delta_l delta_l^T is at most
     lambda_k = s^2 max(pi) / (K pi_k), with equality for uniform pi."""
     for pi in (jnp.full((5,), 0.2), jnp.asarray([0.1, 0.15, 0.2, 0.25, 0.3])):
-        off = G.draw_offsets(jax.random.PRNGKey(1), variant='ortho', num_sets=1, dim=40, num_components=5,
+        off = G.draw_offsets(jax.random.key(1), variant='ortho', num_sets=1, dim=40, num_components=5,
                              weights=pi, scale=1.7, covariance='exact')
         bounds = np.asarray(G.vub_bounds(pi, 1.7))
         top = np.asarray(off.eigvals[0]).max(axis=1)
@@ -82,7 +82,7 @@ def test_one_step_matches_ddpm_marginal_moments(variant, delta_form):
     dim, n = 6, 200_000
     x0 = jnp.asarray(np.linspace(-1.0, 1.0, dim), jnp.float32)
     sigmas = jnp.asarray([2.0, 1.0, 0.0], jnp.float32)     # step 0 gets offsets (the last step does not)
-    eps = jax.random.normal(jax.random.PRNGKey(11), (n, dim))
+    eps = jax.random.normal(jax.random.key(11), (n, dim))
     x_t = x0 + sigmas[0] * eps
     denoiser = lambda x, sigma: jnp.broadcast_to(x0, x.shape)
     weights = (0.5, 0.3, 0.2)
@@ -90,7 +90,7 @@ def test_one_step_matches_ddpm_marginal_moments(variant, delta_form):
     for covariance in ('exact', 'diagonal'):
         sampler = samplers.get('gmm_ddim', eta=1.0, variant=variant, num_components=3, weights=weights, scale=0.55,
                                delta_form=delta_form, covariance=covariance, offsets_seed=5)
-        _, info = sampler(denoiser, x_t, sigmas, key=jax.random.PRNGKey(3), return_trajectory=True)
+        _, info = sampler(denoiser, x_t, sigmas, key=jax.random.key(3), return_trajectory=True)
         x_s = np.asarray(info['trajectory'][1], np.float64)
         mean_err = np.abs(x_s.mean(0) - np.asarray(x0)).max()
         cov_err = np.abs(np.cov(x_s.T) - float(sigmas[1]) ** 2 * np.eye(dim)).max()
@@ -132,7 +132,7 @@ def test_sigma_space_sampler_equals_paper_kernel_in_alpha_bar_space(variant):
     """On the DDPM grid, the sigma-space sampler equals Eq. 7 run in alpha-bar space (offsets scaled by
     sqrt(1 + sigma_s^2) in sigma-space, so `scale` means the paper's s), with the same offsets, components and z."""
     gmm, sigmas = _mixture(), schedules.get('ddpm', num_steps=5)
-    x_T, key, eta, scale, K = _x_T(float(sigmas[0]), batch=8), jax.random.PRNGKey(4), 0.5, 3.0, 4
+    x_T, key, eta, scale, K = _x_T(float(sigmas[0]), batch=8), jax.random.key(4), 0.5, 3.0, 4
     out, _ = samplers.get('gmm_ddim', eta=eta, variant=variant, num_components=K, scale=scale)(
         gmm.denoiser, x_T, sigmas, key=key)
     weights = jnp.full((K,), 1.0 / K)
@@ -151,22 +151,22 @@ def test_eta_zero_is_stochastic_through_offsets_only_and_last_step_is_ddim():
     gmm, sigmas = _mixture(), schedules.get('edm', num_steps=5)
     x_T = _x_T(float(sigmas[0]))
     sampler = samplers.get('gmm_ddim', eta=0.0, variant='ortho', num_components=4, scale=1.0)
-    a, info = sampler(gmm.denoiser, x_T, sigmas, key=jax.random.PRNGKey(0), return_trajectory=True)
-    b, _ = sampler(gmm.denoiser, x_T, sigmas, key=jax.random.PRNGKey(1))
+    a, info = sampler(gmm.denoiser, x_T, sigmas, key=jax.random.key(0), return_trajectory=True)
+    b, _ = sampler(gmm.denoiser, x_T, sigmas, key=jax.random.key(1))
     assert _rel(a, b) > 1e-3
     # step 0 from the same x_T: GMM-DDIM(eta=0) - DDIM(eta=0) = c_s delta_k, one of the K offsets per sample
     traj = info['trajectory']
     ddim_step0 = samplers.get('ddim')(gmm.denoiser, x_T, sigmas[:2])[0]
     diff = np.asarray(traj[1] - ddim_step0).reshape(x_T.shape[0], -1)
-    offsets = G.draw_offsets(jax.random.fold_in(jax.random.PRNGKey(0), G.OFFSETS_STREAM), variant='ortho',
+    offsets = G.draw_offsets(jax.random.fold_in(jax.random.key(0), G.OFFSETS_STREAM), variant='ortho',
                              num_sets=5, dim=diff.shape[1], num_components=4, weights=jnp.full((4,), 0.25), scale=1.0)
-    k = np.asarray(G.component_choice(jax.random.PRNGKey(0), 0, jnp.full((4,), 0.25), x_T.shape[0]))
+    k = np.asarray(G.component_choice(jax.random.key(0), 0, jnp.full((4,), 0.25), x_T.shape[0]))
     c_s = np.sqrt(1 + float(sigmas[1]) ** 2)
     np.testing.assert_allclose(diff, c_s * np.asarray(offsets.delta[0])[k], rtol=1e-3, atol=1e-3 * c_s)
     # the last step (into sigma = 0) is plain DDIM by default: x0 = D(x, sigma_{N-1})
     np.testing.assert_allclose(a, gmm.denoiser(traj[-2], sigmas[-2]), rtol=1e-5, atol=1e-5)
     c, _ = samplers.get('gmm_ddim', eta=0.0, num_components=4, scale=1.0, last_step_offsets=True)(
-        gmm.denoiser, x_T, sigmas, key=jax.random.PRNGKey(0))
+        gmm.denoiser, x_T, sigmas, key=jax.random.key(0))
     assert _rel(c, a) > 1e-3
 
 
@@ -178,7 +178,7 @@ def test_negative_variances_are_clipped_never_nan():
     basis = jnp.eye(5, 2)
     eigvecs = jnp.broadcast_to(jnp.eye(2), (3, 2, 2))
     eigvals = jnp.broadcast_to(jnp.asarray([10.0, 0.0]), (3, 2))
-    z = jax.random.normal(jax.random.PRNGKey(0), (3, 5))
+    z = jax.random.normal(jax.random.key(0), (3, 5))
     noise = np.asarray(G.exact_noise(z, sigma_up, c_s, basis, eigvecs, eigvals))
     np.testing.assert_allclose(noise[:, 0], 0.0, atol=1e-7)
     np.testing.assert_allclose(noise[:, 1:], 0.3 * np.asarray(z)[:, 1:], rtol=1e-5)
@@ -187,7 +187,7 @@ def test_negative_variances_are_clipped_never_nan():
     x_T = _x_T(float(sigmas[0]), batch=4)
     for variant, covariance in zip(G.VARIANTS, G.COVARIANCES[::-1] * 2):
         out, _ = samplers.get('gmm_ddim', eta=1.0, variant=variant, num_components=4, scale=1e3,
-                              covariance=covariance)(gmm.denoiser, x_T, sigmas, key=jax.random.PRNGKey(2))
+                              covariance=covariance)(gmm.denoiser, x_T, sigmas, key=jax.random.key(2))
         assert np.all(np.isfinite(np.asarray(out))), (variant, covariance)
 
 
@@ -205,7 +205,7 @@ def test_nfe_equals_ddim_and_counted_calls():
                           ('gmm_ddim', {'eta': 0.0, 'variant': 'vub_star', 'num_components': 4, 'covariance': 'exact'})):
         calls['n'] = 0
         with jax.disable_jit():
-            _, info = samplers.get(name, **options)(counting, x_T, sigmas, key=jax.random.PRNGKey(0))
+            _, info = samplers.get(name, **options)(counting, x_T, sigmas, key=jax.random.key(0))
         assert int(info['nfe']) == calls['n'], (name, options)
         counts[(name, tuple(options.items()))] = calls['n']
     assert set(counts.values()) == {3}
@@ -219,7 +219,7 @@ def test_bad_options_are_one_line_value_errors():
             samplers.get('gmm_ddim', **options)
     sampler = samplers.get('gmm_ddim', num_components=8, variant='ortho')
     with pytest.raises(ValueError, match='num_components <= data dimension'):
-        sampler(lambda x, s: x, jnp.zeros((2, 3)), jnp.asarray([1.0, 0.0]), key=jax.random.PRNGKey(0))
+        sampler(lambda x, s: x, jnp.zeros((2, 3)), jnp.asarray([1.0, 0.0]), key=jax.random.key(0))
     with pytest.raises(ValueError, match='key'):
         sampler(lambda x, s: x, jnp.zeros((2, 16)), jnp.asarray([1.0, 0.0]))
 

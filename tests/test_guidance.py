@@ -37,17 +37,17 @@ def _mixtures(dtype=jnp.float64, d=3):
 
 
 def _x(n=8, d=3, sigma=5.0, seed=1, dtype=jnp.float64):
-    return jax.random.normal(jax.random.PRNGKey(seed), (n, d), dtype) * sigma
+    return jax.random.normal(jax.random.key(seed), (n, d), dtype) * sigma
 
 
 def test_guidance_term_equals_a_finite_difference_gradient_of_the_logit():
     with jax.enable_x64(True):
-        A = jax.random.normal(jax.random.PRNGKey(0), (4, 6), jnp.float64)
-        b = jax.random.normal(jax.random.PRNGKey(1), (6,), jnp.float64)
+        A = jax.random.normal(jax.random.key(0), (4, 6), jnp.float64)
+        b = jax.random.normal(jax.random.key(1), (6,), jnp.float64)
         logit = lambda x, sigma: jnp.tanh(x @ A) @ b * jnp.log1p(sigma) + 0.1 * jnp.sum(x ** 2, -1) / sigma
         denoiser = lambda x, sigma: 0.5 * x
         sigma = jnp.array([0.05, 0.7, 3.0])
-        x = jax.random.normal(jax.random.PRNGKey(2), (3, 4), jnp.float64)
+        x = jax.random.normal(jax.random.key(2), (3, 4), jnp.float64)
         guided = guidance.discriminator_guided(denoiser, logit, weight=1.7)
         delta, log_ratio = guided.correction(x, sigma)
         h = 1e-6
@@ -85,7 +85,7 @@ def test_weight_zero_is_the_unguided_sampler_exactly():
     off = guidance.discriminator_guided(model.denoiser, log_ratio, weight=0.0)
     sigmas = schedules.get('edm', num_steps=6, sigma_min=0.002, sigma_max=20.0)
     x_T = _x(sigma=20.0, dtype=jnp.float32)
-    key = jax.random.PRNGKey(3)
+    key = jax.random.key(3)
     for name, options in (('euler', {}), ('heun', {}), ('heun', {'s_churn': 10.0}), ('dpmpp_2m', {}), ('ipndm', {})):
         sampler = samplers.get(name, **options)
         np.testing.assert_array_equal(sampler(off, x_T, sigmas, key=key)[0],
@@ -168,7 +168,7 @@ def test_boosting_is_the_authors_sampler(s_churn):
         _, model, log_ratio = _mixtures()
         sigmas = schedules.get('edm', num_steps=12, sigma_min=0.002, sigma_max=20.0).astype(jnp.float64)
         x_T = _x(n=16, sigma=20.0)
-        key = jax.random.PRNGKey(4)
+        key = jax.random.key(4)
         guided = guidance.discriminator_guided(model.denoiser, log_ratio, weight=1.0)
         x0, _ = samplers.get('heun_dg', boosting=True, s_churn=s_churn)(guided, x_T, sigmas, key=key)
         want = _reference_heun(model, log_ratio, x_T, sigmas, 1.0, (0.0, np.inf), key=key, boosting=True,

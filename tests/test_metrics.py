@@ -12,7 +12,7 @@ def test_curvature_is_zero_for_the_straight_flow_of_a_point_mass():
     # constant speed; Euler follows it exactly.
     mu = jnp.array([[1.0, -2.0, 0.5]])
     point = analytic.GaussianMixture(mu, jnp.array([0.0]), jnp.array([1.0]))
-    x_T = jax.random.normal(jax.random.PRNGKey(0), (4, 3)) * 10
+    x_T = jax.random.normal(jax.random.key(0), (4, 3)) * 10
     sigmas = schedules.get('edm', num_steps=6, sigma_min=0.01, sigma_max=10.0)
     _, info = samplers.get('euler')(point.denoiser, x_T, sigmas, return_trajectory=True)
     assert float(metrics.curvature(info['trajectory'], sigmas)) < 1e-8
@@ -46,8 +46,8 @@ def test_frechet_distance_closed_forms():
 
 
 def test_sliced_wasserstein():
-    key = jax.random.PRNGKey(0)
-    x = jax.random.normal(jax.random.PRNGKey(1), (400, 8))
+    key = jax.random.key(0)
+    x = jax.random.normal(jax.random.key(1), (400, 8))
     assert float(metrics.sliced_wasserstein(x, x, key)) < 1e-6
     shift = jnp.full((8,), 1.0)
     # every projection is shifted by theta . c, so SW^2 = E (theta . c)^2 = |c|^2 / d for uniform directions
@@ -62,7 +62,7 @@ def test_straightness_by_hand_and_equal_to_curvature_on_a_uniform_time_grid():
     trajectory = jnp.array([[0.0], [1.0], [1.0]])[:, None]
     assert float(metrics.straightness(trajectory)) == pytest.approx(((-2 + 1) ** 2 + (0 + 1) ** 2) / 2)
     # the authors' straightness is curvature with sigmas = the uniform t grid 1 -> 0 (span 1)
-    trajectory = jax.random.normal(jax.random.PRNGKey(0), (7, 3, 4, 2))
+    trajectory = jax.random.normal(jax.random.key(0), (7, 3, 4, 2))
     times = jnp.linspace(1.0, 0.0, 7)
     assert float(metrics.straightness(trajectory)) == pytest.approx(float(metrics.curvature(trajectory, times)),
                                                                      rel=1e-5)

@@ -53,6 +53,7 @@ STEPS, TOY_BATCH = 12, 16
 TOY2D = [f'--config.training.batch_size={TOY_BATCH}', f'--config.training.total_images={STEPS * TOY_BATCH}',
          '--config.training.log_every_steps=4', '--config.training.checkpoint_every_steps=4',
          '--config.training.keep_checkpoints=10', '--config.training.sample_every_steps=0',
+         f'--config.training.lr_rampup_images={TOY_BATCH}',   # the full lr from step 1: the parameters move
          '--config.sampling.num_samples=24', '--config.sampling.batch_size=16']
 SIGNAL_STEP = 4   # process 1 of the interrupted runs sends itself SIGTERM when it reads this step's data
 # the digits evaluation: a random-weights MLP on 8 x 8 digits, 16 samples of 2 Heun steps, the digits FD
@@ -96,8 +97,6 @@ def processes(workdir, num_devices, *args, signal_step=None, env=None):
 
 
 def start_together(jobs):
-    if os.environ.get('TIME_PROCS'):
-        jobs = [(['/usr/bin/time', '-f', f'TIMEPROC %U user %S sys %e wall {" ".join(c[-12:])[:150]}', *c], e) for c, e in jobs]
     return [subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                              start_new_session=True) for command, env in jobs]
 
@@ -128,12 +127,6 @@ def run_together(jobs, timeout=TIMEOUT):
     return wait_together(start_together(jobs), timeout)
 
 
-def run_groups(named_groups):
-    """{name: [jobs]} started all at once; {name: [outputs]}."""
-    started = {name: start_together(jobs) for name, jobs in named_groups.items()}
-    return {name: wait_together(procs) for name, procs in started.items()}
-
-
 def copy_until(source, target, step):
     """A copy of workdir `source` whose newest checkpoint is `step` (the later ones left out)."""
     shutil.copytree(source, target, ignore=lambda directory, names: [
@@ -146,7 +139,7 @@ def toy_config(steps, sampling=False):
     from jaxdiff.drivers import config_files
     overrides = {'training.batch_size': TOY_BATCH, 'training.total_images': steps * TOY_BATCH,
                  'training.log_every_steps': 4, 'training.checkpoint_every_steps': 4, 'training.keep_checkpoints': 10,
-                 'training.sample_every_steps': 0}
+                 'training.sample_every_steps': 0, 'training.lr_rampup_images': TOY_BATCH}
     if sampling:
         overrides.update({'sampling.num_samples': 24, 'sampling.batch_size': 16})
     return config_files.load(os.path.join(REPO, 'configs', 'toy2d_edm.py'), overrides)
@@ -236,11 +229,6 @@ def pod(tmp_path_factory):
     train_in_process(w['four_to_eight'], STEPS, 8)
     sample_mode.run(toy_config(STEPS, sampling=True), w['one'])
     second = {name: wait_together(procs) for name, procs in started.items()}
-    if os.environ.get('TIME_PROCS'):
-        for group in (first, second):
-            for name, outs in group.items():
-                for out in outs:
-                    print(name, [l for l in out.splitlines() if 'TIMEPROC' in l])
     return w, first, second
 
 
@@ -268,7 +256,7 @@ def test_two_processes_train_and_sample_like_one_process_with_all_devices(pod):
     assert not os.path.exists(os.path.join(multi, 'logs', 'process_0.log'))
     multi_metrics, single_metrics = read_metrics(multi), read_metrics(single)
     assert [m['step'] for m in multi_metrics] == [m['step'] for m in single_metrics] == [4, 8, 12]
-    np.testing.assert_allclose([m['loss'] for m in multi_metrics], [m['loss'] for m in single_metrics], rtol=1e-5)
+    np.testing.assert_allclose([m['loss'] for m in multi_metrics], [m['loss'] for m in single_metrics], rtol=1e-6)
 
     # the parameters: equal up to the order of float32 sums in the gradient all-reduce (gloo vs in-process)
     config = config_files.load(os.path.join(REPO, 'configs', 'toy2d_edm.py'))
@@ -281,7 +269,7 @@ def test_two_processes_train_and_sample_like_one_process_with_all_devices(pod):
     leaves_multi, leaves_single = jax.tree.leaves(trained[0]), jax.tree.leaves(trained[1])
     assert jax.tree.structure(trained[0]) == jax.tree.structure(trained[1])
     for a, b in zip(leaves_multi, leaves_single):
-        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
 
     samples_multi = np.load(os.path.join(multi, 'samples.npz'))
     samples_single = np.load(os.path.join(single, 'samples.npz'))
@@ -308,11 +296,10 @@ def test_sigterm_to_one_process_stops_both_at_one_step_saved_as_in_an_uninterrup
     stopped_at = stop_0
     assert 1 <= stopped_at < STEPS
     assert 'SIGTERM' in outputs[1] and 'SIGTERM' not in outputs[0]          # the signal reached process 1 only
-    assert checkpoint.Checkpoints(w[mechanism], read_only=True).latest_step() == stopped_at or \
-        mechanism == 'preemption_sync'                                      # (that one has been resumed since)
     uninterrupted = lambda step: jax.tree.leaves(final_state(w['two'], step))
     if mechanism == 'all_gather':
         assert stopped_at % 4 == 0 and stopped_at % 3 != 0                 # agreed on the cadence, off the saves'
+        assert checkpoint.Checkpoints(w[mechanism], read_only=True).latest_step() == stopped_at
         saved = jax.tree.leaves(final_state(w[mechanism], stopped_at))
         assert all(np.array_equal(a, b) for a, b in zip(saved, uninterrupted(stopped_at)))
         return
@@ -325,11 +312,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_saved_as_in_an_uninterrup
 # ---------------------------------------------------------------- resume on another device count
 
 # The global batch of a step is a function of the step alone (each process reads its rows of it), and so are the
-# draws (keys fold_in(step), sigma and noise drawn for the global batch): a resumed run computes the same step on any
-# device count. What differs is the order of the float32 sums of the gradient all-reduce (the per-device partial sums
-# and, across processes, gloo's reduction), so the parameters agree to a few float32 ulps per step, not bit for bit.
-# Measured over 16 steps of Adam (lr ramp) on toy2d: at most ~1e-7 absolute; ATOL allows 10x.
-DEVICE_COUNT_ATOL = 1e-6
+# draws (keys fold_in(step); sigma and noise drawn for the global batch): a resumed run computes the same steps on any
+# device count. What differs is the order of the float32 sums in the gradient all-reduce (the per-device partial sums
+# and, across processes, gloo's reduction), so the state agrees to float32 rounding, not bit for bit. Measured over
+# the 12 steps of Adam at lr 1e-3 on toy2d, every array of the TrainState: at most 4.2e-7 absolute (8 -> 4: 1.2e-7,
+# 8 -> 2 x 2: 3.9e-7, 4 -> 8: 4.2e-7), while the 8 steps after the resumed checkpoint move it by up to 0.13; a lost or
+# wrong step would be off by ~1e-2. DEVICE_COUNT_ATOL allows 5x the measured rounding.
+DEVICE_COUNT_ATOL = 2e-6
 
 
 @pytest.mark.parametrize('name, started, resumed', [
@@ -343,7 +332,11 @@ def test_a_run_resumes_on_another_device_count(pod, name, started, resumed):
     leaves = jax.tree.leaves(final_state(w[name]))
     reference = jax.tree.leaves(final_state(w['two']))   # the uninterrupted run on 2 x 4
     worst = max(float(np.max(np.abs(a - b))) for a, b in zip(leaves, reference))
-    print(f'{name} ({started} -> {resumed}): max |difference| to the uninterrupted run {worst:.3g}')
+    moved = max(float(np.max(np.abs(a - b))) for a, b in zip(jax.tree.leaves(final_state(w['two'], 4)), reference)
+                if np.issubdtype(b.dtype, np.floating))
+    print(f'{name} ({started} -> {resumed}): max |difference| to the uninterrupted run {worst:.3g} (the last 8 '
+          f'steps moved the state by up to {moved:.3g})')
+    assert moved > 1e4 * DEVICE_COUNT_ATOL     # the steps after the checkpoint matter far more than the tolerance
     for a, b in zip(leaves, reference):
         np.testing.assert_allclose(a, b, rtol=0, atol=DEVICE_COUNT_ATOL)
 
@@ -554,7 +547,7 @@ def test_tpu_pod_script_runs_the_same_command_on_every_worker():
 
 class SignalAt:
     """A data source that sends this process SIGTERM when the data of step `step` is read, and from then on reads
-    slowly (0.4 s a step: the stop, agreed a second or so later under JAX's preemption sync, comes well before the
+    slowly (0.5 s a step: the stop, agreed a second or so later under JAX's preemption sync, comes well before the
     run's end)."""
 
     def __init__(self, source, step):
@@ -566,7 +559,7 @@ class SignalAt:
                   flush=True)
             os.kill(os.getpid(), signal.SIGTERM)
         if step >= self.step:
-            time.sleep(0.4)
+            time.sleep(0.5)
         return self.source.batch(step, size, **kwargs)
 
 

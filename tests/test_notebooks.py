@@ -81,7 +81,7 @@ def test_quickstart_notebook_runs(monkeypatch, capsys):
     assert int(namespace['state'].step) == namespace['steps']
     assert namespace['heun_samples'].shape == namespace['fast_samples'].shape == (64, 2)
     assert np.all(np.isfinite(namespace['fast_samples']))
-    assert '64 samples from checkpoint step 40 (ipndm, 6 NFE)' in out
+    assert '64 samples from checkpoint step 40 (ipndm, 6 NFE, 6 network and 0 gradient evaluations)' in out
 
 
 def test_samplers_notebook_runs(monkeypatch):

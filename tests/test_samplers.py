@@ -15,7 +15,7 @@ from jaxdiff.core.samplers import common, ddim as ddim_module, multistep
 FIXED_GRID = [('euler', {}), ('heun', {}), ('heun', {'s_churn': 5.0}), ('dpm2', {}), ('dpmpp_2m', {}),
               ('dpmpp_3m', {}), ('dpmpp_3m', {'form': 'third_order'}), ('ipndm', {}), ('ipndm', {'max_order': 2}),
               ('ddim', {}), ('ddim', {'eta': 1.0})]
-KEY = jax.random.PRNGKey(7)
+KEY = jax.random.key(7)
 
 
 def _gmm(dtype=jnp.float32):
@@ -24,7 +24,7 @@ def _gmm(dtype=jnp.float32):
 
 
 def _x_T(n=8, d=4, sigma=80.0, dtype=jnp.float32):
-    return jax.random.normal(jax.random.PRNGKey(1), (n, d), dtype) * sigma
+    return jax.random.normal(jax.random.key(1), (n, d), dtype) * sigma
 
 
 def _numpy(denoiser):
@@ -165,7 +165,7 @@ def test_afs_replaces_the_first_call_and_denoise_to_zero_adds_the_last():
 def test_observed_global_order_on_a_short_interval():
     with jax.enable_x64(True):
         gmm = _gmm(jnp.float64)
-        x = jax.random.normal(jax.random.PRNGKey(3), (16, 4), jnp.float64) * 2.5
+        x = jax.random.normal(jax.random.key(3), (16, 4), jnp.float64) * 2.5
         truth = analytic.reference_solve(gmm.denoiser, x, 2.0, 0.5, rtol=1e-12, atol=1e-12)
         counts = np.array([8, 16, 32])
         for name, options, single_step in (('euler', {}, True), ('heun', {}, True), ('dpm2', {}, True),
@@ -194,7 +194,7 @@ def test_full_order_of_multistep_updates_from_exact_history(name, options, spaci
     assert order == {'dpmpp_2m': 2, 'dpmpp_3m': 3 if options else 2, 'ipndm': 4}[name]
     with jax.enable_x64(True):
         gmm = _gmm(jnp.float64)
-        x_start = jax.random.normal(jax.random.PRNGKey(3), (8, 4), jnp.float64) * 2.5
+        x_start = jax.random.normal(jax.random.key(3), (8, 4), jnp.float64) * 2.5
         t0 = 1.0
         grids = [[t0 * np.exp(k * h) for k in (3, 2, 1, 0, -1)] if spacing == 'log' else
                  [t0 + k * h for k in (3, 2, 1, 0, -1)] for h in steps]

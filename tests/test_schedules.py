@@ -77,12 +77,19 @@ def test_ddpm_grid_is_the_discrete_alpha_bar():
     assert set(np.round(s[:-1], 4)) <= set(np.round(full[:-1], 4))
 
 
-@pytest.mark.parametrize('name', schedules.names())
+@pytest.mark.parametrize('name', [name for name in schedules.names() if name != 'explicit'])
 @pytest.mark.parametrize('num_steps', [1, 2, 7])
 def test_every_grid_is_valid(name, num_steps):
     s = schedules.get(name, num_steps=num_steps)
     assert s.shape == (num_steps + 1,)
     common.validate_sigmas(s)
+
+
+def test_the_explicit_grid_is_the_one_given():
+    given = [80.0, 10.98, 1.5, 0.002]
+    np.testing.assert_allclose(schedules.get('explicit', sigmas=given), given, rtol=1e-6)
+    with pytest.raises(ValueError, match='decreasing'):
+        schedules.get('explicit', sigmas=[1.0, 2.0])
 
 
 def test_misuse_is_a_value_error():

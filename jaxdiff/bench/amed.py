@@ -178,7 +178,7 @@ def model_rows(config, model_workdir, *, nfes=(5,), methods=tuple(METHODS), num_
     denoiser = make_denoiser(ema_params)
     shape = tuple(config.data.shape)
     held_out = digits.Digits(shape=shape, split='test').images
-    x_T = 80.0 * jax.random.normal(jax.random.PRNGKey(54321), (num_eval, *shape), jnp.float32)
+    x_T = 80.0 * jax.random.normal(jax.random.key(54321), (num_eval, *shape), jnp.float32)
 
     def solve(sampler, sigmas):
         """(samples [num_eval, ...], NFE) in batches of eval_batch; the NFE leaves jit as an output."""

@@ -52,7 +52,7 @@ class Evaluator:
 
     def __init__(self, target, num_projections, seed):
         self.target, self.num_projections = target, num_projections
-        self.key = jax.random.PRNGKey(seed)
+        self.key = jax.random.key(seed)
 
     def __call__(self, samples):
         import warnings

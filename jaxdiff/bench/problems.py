@@ -6,7 +6,7 @@ the tests and the notebooks.
     problem.target(jnp.float64)                              # its float64 twin (under jax.enable_x64), e.g. for the
                                                              # reference solve (SPEC.md 'Ground truth')
     problem.exact_samples(key, n)                            # exact samples of the data distribution
-    problem.noise_key(seed)                                  # fold_in(PRNGKey(seed), problem.id): its own noise
+    problem.noise_key(seed)                                  # fold_in(key(seed), problem.id): its own noise
     problem.moments()                                        # exact mean [D] and covariance [D, D], float64
     problem.mode_of(x0), problem.mode_weights                # mode of clean samples, and the true mode weights
 
@@ -63,8 +63,8 @@ class Problem:
         return isinstance(self.target(), analytic.GaussianMixture)
 
     def noise_key(self, seed):
-        """The root key of this problem's noise for `seed`: fold_in(PRNGKey(seed), id)."""
-        return jax.random.fold_in(jax.random.PRNGKey(seed), self.id)
+        """The root key of this problem's noise for `seed`: fold_in(key(seed), id)."""
+        return jax.random.fold_in(jax.random.key(seed), self.id)
 
     def exact_samples(self, key, n):
         """n exact samples [n, *shape] (a finite set: n draws of its points)."""

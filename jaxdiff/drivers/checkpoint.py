@@ -45,10 +45,10 @@ def uncommitted_saves(directory):
     `<step>.orbax-checkpoint-tmp*` directory; on gs:// a step without its commit marker); [] when there is none."""
     if not os.path.isdir(directory):
         return []
-    from orbax.checkpoint._src.path import temporary_paths   # orbax's own test, the one its cleanup applies
     try:
+        from orbax.checkpoint._src.path import temporary_paths   # orbax's own test, the one its cleanup applies
         found = asyncio.run(temporary_paths.all_temporary_paths(directory))
-    except Exception:   # a newer orbax: the name is enough on a file system
+    except Exception:   # another orbax, or inside a running event loop: the name is enough on a file system
         return sorted(name for name in os.listdir(directory) if TEMPORARY_SUFFIX in name)
     return sorted(os.path.basename(str(path.get())) for path in found)
 
@@ -71,6 +71,10 @@ class Checkpoints:
         # handlers named up front, so the items' metadata (shapes) can be read before restoring
         handlers = {item: ocp.StandardCheckpointHandler() for item in ITEMS}
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+        # The loop asks JAX's preemption sync point once per step, with its own call numbers (loop.StopRequest).
+        # orbax asks it too, with step numbers, from save() and from its background thread (for logs and metrics
+        # only, since every save here is forced): that would move the sync manager's counter under the loop's.
+        self.manager.reached_preemption = lambda step: False
         if leftovers and jax.process_index() == 0:
             (log or (lambda line: print(line, file=sys.stderr, flush=True)))(
                 f'removing {", ".join(leftovers)} in {self.directory}: the leftover of a save that was interrupted '
@@ -160,7 +164,7 @@ class _WriteErrors:
         return self
 
     def __exit__(self, kind, error, traceback):
-        if error is None or isinstance(error, (UserError, KeyboardInterrupt)):
+        if error is None or isinstance(error, UserError) or not isinstance(error, Exception):
             return False
         checkpoints, step = self.checkpoints, self.checkpoints._writing
         checkpoints._writing = None

@@ -56,9 +56,19 @@ def restore_or_init(checkpoints, abstract, init):
 
 # Every call of JAX's preemption sync point in this process gets the next number: processes running the same loops
 # make the same calls, so the numbers agree across processes whatever step a run resumed from (the sync point is the
-# largest number any process had passed when the notice arrived, plus one).
+# largest number any process had passed when the notice arrived, plus one; a notice before the first call stops
+# after the first step). Nothing else may call it: `checkpoint.Checkpoints` stops orbax's CheckpointManager from
+# asking it with step numbers.
 _sync_calls = itertools.count(1)
 AGREE_EVERY = 4   # steps between two flag exchanges when JAX's preemption service is off
+
+
+def stop_mechanism():
+    """How the processes agree on a stop (`StopRequest`): 'local' (one process), 'preemption_sync' (several, JAX's
+    preemption service on: the default) or 'all_gather' (several, the service off)."""
+    if jax.process_count() == 1:
+        return 'local'
+    return 'preemption_sync' if jax.config.jax_enable_preemption_service else 'all_gather'
 
 
 class StopRequest:
@@ -81,12 +91,7 @@ class StopRequest:
         self.every = every
         self.requested = False
         self._previous = {}
-        if jax.process_count() == 1:
-            self.mechanism = 'local'
-        elif jax.config.jax_enable_preemption_service:
-            self.mechanism = 'preemption_sync'
-        else:
-            self.mechanism = 'all_gather'
+        self.mechanism = stop_mechanism()
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():

@@ -96,8 +96,8 @@ def init_state(modules, optimizer, data_shape, key):
 
 def drop_labels(class_labels, key, label_dropout, batch):
     """Each example's one-hot label replaced by the null label, the all-zero row, with probability label_dropout:
-    classifier-free guidance's joint training of the conditional and unconditional model (Ho & Salimans 2022,
-    Algorithm 1, p_uncond). Drawn per example of the global batch (losses.draw_per_example), so neither the device
+    the joint training of a conditional and an unconditional model in one network (Ho & Salimans 2022, Algorithm 1,
+    p_uncond). Drawn per example of the global batch (losses.draw_per_example), so neither the device
     count nor pmap changes which examples lose their label."""
     keep = losses.draw_per_example(key, class_labels.shape[:1],
                                    lambda key, shape: jax.random.bernoulli(key, 1 - label_dropout, shape), batch)

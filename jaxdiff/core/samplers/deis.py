@@ -1,13 +1,13 @@
 """DEIS (Zhang & Chen, ICLR 2023, "Fast Sampling of Diffusion Models with Exponential Integrator"): the exponential
 integrator with polynomial extrapolation of the noise prediction, in sigma-space.
 
-In sigma-space (x = x0 + sigma eps, alpha = 1) the exponential integrator of the paper's Eq. (13)-(14) is exact in
+In sigma-space (x = x0 + sigma eps, alpha = 1) the exponential integrator of the paper (Sec. 3-4) is exact in
 its linear part, and the PF-ODE reads dx/dsigma = eps(x, sigma) with eps = (x - D) / sigma. DEIS replaces eps on
-[sigma_i, sigma_{i+1}] by the polynomial through its last `order` values (Eq. (15), newest first, nodes u_j of the
+[sigma_i, sigma_{i+1}] by the polynomial through its last `order` values (newest first, nodes u_j of the
 points sigma_{i-j}) and integrates it exactly:
 
     x_{i+1} = x_i + sum_j C_ij eps_{i-j},     C_ij = int_{sigma_i}^{sigma_{i+1}} L_j(u(sigma)) dsigma,
-    L_j(u) = prod_{k != j} (u - u_k) / (u_j - u_k)                           (Lagrange basis, Eq. (15)).
+    L_j(u) = prod_{k != j} (u - u_k) / (u_j - u_k)                           (Lagrange basis).
 
 The variable u in which the polynomial lives is the `mode`:
   'tab'    u = t, the VP time (the paper's tAB-DEIS): the coefficient int (dsigma/dt) L_j(t) dt is written as the

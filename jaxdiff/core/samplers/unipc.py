@@ -2,8 +2,8 @@
 of Diffusion Models"): the predictor UniP-p and the corrector UniC-p in data-prediction form, in sigma-space.
 
 With alpha = 1, lambda = -log sigma, h = lambda_next - lambda_0 = log(t / t_next) and the data predictions m_k at
-the history points sigma_k (newest first: m_0 = D(x, t) at the current point t = sigma_0), the paper's Algorithm 2
-(UniPC with B(h), data prediction; its Eq. (5) for the predictor and Eq. (4)/(7) for the corrector) reads
+the history points sigma_k (newest first: m_0 = D(x, t) at the current point t = sigma_0), the multistep UniPC-p
+with B(h) in data-prediction form (the paper's Sec. 3 and its appendix on the data-prediction variant) reads
 
     r_k = (lambda_k - lambda_0) / h          (k = 1 .. p-1; negative: the history lies behind),  r_p = 1,
     D1_k = (m_k - m_0) / r_k,
@@ -11,9 +11,9 @@ the history points sigma_k (newest first: m_0 = D(x, t) at the current point t =
     UniP-p:  x_pred = x_base - B(h) sum_{k<p} a_k D1_k,
     UniC-p:  x_corr = x_base - B(h) (sum_{k<p} c_k D1_k + c_p (m_next - m_0)),   m_next = D(x_pred, t_next),
 
-B(h) = -h ('bh1') or expm1(-h) ('bh2'; Appendix D of the paper), and the weights solve the order conditions
-(Theorem 3.1) R a = b with R[i, k] = r_k^i (i = 0 .. p-1) and b_i = i! g_i / B(h), where g_1 = phi_1 / (-h) - 1,
-g_{i+1} = g_i / (-h) - 1 / (i+1)!; the choices are those of the zju-pi/diff-sampler implementation:
+B(h) = -h ('bh1') or expm1(-h) ('bh2'), the paper's two choices of B(h) = O(h), and the weights solve the order
+conditions (Sec. 3.1-3.2) R a = b with R[i, k] = r_k^i (i = 0 .. p-1) and b_i = i! g_i / B(h), where
+g_1 = phi_1 / (-h) - 1, g_{i+1} = g_i / (-h) - 1 / (i+1)!; the choices are those of zju-pi/diff-sampler:
   predictor: p = 1 no extrapolation term; p = 2 a = (1/2) (the simplified choice); p = 3 solve the 2x2 system;
   corrector: p = 1 c = (1/2); p >= 2 solve the p x p system.
 (`unipc_coefficients` writes the recursion out.) The corrector reuses the evaluation m_next at the *predicted* point:
@@ -117,7 +117,7 @@ def unipc(*, order=3, variant='bh2', lower_order_final=True, corrector=True, afs
     (`corrector=False`: the predictor alone, the same calls), `variant` bh1 | bh2 (B(h) = -h | expm1(-h)),
     `lower_order_final` (diff-sampler: the last steps at orders 1, 2). NFE = number of steps: the corrector reuses
     the next step's evaluation and there is none after the last step. Declared order: order + 1 with the corrector
-    (UniC raises the order by one, Theorem 3.3), order without; a grid's warm-start steps and, with
+    (UniC raises the order of accuracy by one, Sec. 3.1), order without; a grid's warm-start steps and, with
     `lower_order_final`, its last two steps run at lower orders (on a grid ending above 0 this caps the observed
     global order at 2)."""
     if order not in (1, 2, 3):
