@@ -34,6 +34,7 @@ import numpy as np
 from flax import traverse_util
 
 from jaxdiff.convert import torch_file
+from jaxdiff.convert.edm import variable_shapes
 from jaxdiff.core.errors import UserError
 from jaxdiff.models.adm import ADMEncoder, ADMUNet
 
@@ -157,13 +158,6 @@ def build_model(kind, fields):
     except ValueError as error:
         raise UserError(f'ADM {kind}: {error}') from None
     return model
-
-
-def variable_shapes(model):
-    """The model's variables as ShapeDtypeStructs (jax.eval_shape: nothing allocated or compiled)."""
-    x = jax.ShapeDtypeStruct((1, model.img_resolution, model.img_resolution, model.in_channels), jnp.float32)
-    c = jax.ShapeDtypeStruct((1,), jnp.float32)
-    return jax.eval_shape(lambda x, c: model.init(jax.random.key(0), x, c), x, c)
 
 
 def torch_name(path):
