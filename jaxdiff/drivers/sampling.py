@@ -96,12 +96,12 @@ def from_config(config, mesh, *, guided=True):
     return Plan(sampler, sigmas, transform)
 
 
-def generator(config, mesh, trained_fn, *, guided=True, progress=None):
-    """A `generate.Generator` of config.sampling for the denoisers of trained_fn(variables, class_labels)."""
+def generator(config, mesh, denoiser_fn, *, guided=True, progress=None):
+    """A `generate.Generator` of config.sampling for the denoisers denoiser_fn(variables, class_labels) -> D."""
     plan = from_config(config, mesh, guided=guided)
     sampling = config.sampling
     return generate.Generator(
-        trained_fn, plan.sampler, plan.sigmas, sample_shape=tuple(config.data.shape), batch_size=sampling.batch_size,
+        denoiser_fn, plan.sampler, plan.sigmas, sample_shape=tuple(config.data.shape), batch_size=sampling.batch_size,
         seed=sampling.seed, mesh=mesh, label_dim=int(config.model.get('label_dim', 0) or 0),
         class_label=sampling.get('class_label'), transform=plan.transform,
         matmul_precision=lambda fn: precision.with_matmul_precision(fn, precision.from_config(config)),
