@@ -218,3 +218,14 @@ def test_guidance_config_errors_are_one_line():
     with pytest.raises(UserError, match=r'guidance \(cfg\) has no field wieght; valid fields: name, weight, '
                                         r'interval'):
         sampling.check(config)
+
+
+def test_a_class_label_outside_the_model_is_one_line():
+    from jaxdiff.core.errors import UserError
+    from jaxdiff.drivers import config_files, generate, sampling
+    config = config_files.named('digits_cfg', **{'sampling.class_label': 12})
+    with pytest.raises(UserError, match=r'class_label=12 is not a class of this model \(model.label_dim=10\)'):
+        sampling.generator(config, None, None)
+    with pytest.raises(ValueError, match='class_label=12 is not a class of a model with label_dim=10'):
+        generate.Generator(None, None, None, sample_shape=(2,), batch_size=2, seed=0, mesh=None, label_dim=10,
+                           class_label=12)

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from jaxdiff.core.errors import UserError
 from jaxdiff.drivers import mesh as mesh_lib
 from jaxdiff.drivers.progress import Progress
 
@@ -47,8 +46,7 @@ class Generator:
     def __init__(self, denoiser_fn, sampler, sigmas, *, sample_shape, batch_size, seed, mesh, label_dim=0,
                  class_label=None, transform: Optional[Transform] = None, matmul_precision=None, progress=None):
         if class_label is not None and not 0 <= int(class_label) < max(label_dim, 1):
-            raise UserError(f'config.sampling.class_label={class_label} is not a class of this model '
-                            f'(model.label_dim={label_dim})')
+            raise ValueError(f'class_label={class_label} is not a class of a model with label_dim={label_dim}')
         self.sampler, self.sigmas, self.batch_size, self.progress = sampler, sigmas, batch_size, progress
         self.transform = transform
         self.labels, self.info = None, {}

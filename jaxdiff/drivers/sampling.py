@@ -98,12 +98,15 @@ def from_config(config, mesh, *, guided=True):
 
 def generator(config, mesh, denoiser_fn, *, guided=True, progress=None):
     """A `generate.Generator` of config.sampling for the denoisers denoiser_fn(variables, class_labels) -> D."""
+    sampling, label_dim = config.sampling, int(config.model.get('label_dim', 0) or 0)
+    class_label = sampling.get('class_label')
+    if class_label is not None and not 0 <= int(class_label) < max(label_dim, 1):
+        raise UserError(f'config.sampling.class_label={class_label} is not a class of this model '
+                        f'(model.label_dim={label_dim})')
     plan = from_config(config, mesh, guided=guided)
-    sampling = config.sampling
     return generate.Generator(
         denoiser_fn, plan.sampler, plan.sigmas, sample_shape=tuple(config.data.shape), batch_size=sampling.batch_size,
-        seed=sampling.seed, mesh=mesh, label_dim=int(config.model.get('label_dim', 0) or 0),
-        class_label=sampling.get('class_label'), transform=plan.transform,
+        seed=sampling.seed, mesh=mesh, label_dim=label_dim, class_label=class_label, transform=plan.transform,
         matmul_precision=lambda fn: precision.with_matmul_precision(fn, precision.from_config(config)),
         progress=progress)
 
